@@ -1,0 +1,1 @@
+"""Fused linear -> log-prob kernels."""

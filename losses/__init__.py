@@ -1,0 +1,70 @@
+"""Pure preference and RL loss functions of log-prob tensors, and their registry.
+
+The contract (DESIGN.md) every function in `LOSSES` follows:
+
+- Tensor inputs are positional-or-keyword parameters named from `TENSOR_INPUTS` (per-sequence sums
+  of completion-token log-probs, shape `[B]`, float32, plus token counts). A tensor parameter with a
+  default of `None` is optional (the trainer skips computing it when the loss does not need it, e.g.
+  TPO's gold NLL with `alpha=0`).
+- Hyperparameters are keyword-only with defaults (`beta`, `label_smoothing`, ...); recipes set them
+  by the same names.
+- The return value is `(loss_per_example [B], metrics)`, metrics a dict of detached scalar tensors
+  named like TRL's (`rewards/chosen`, `rewards/margins`, `rewards/accuracies`, ...).
+
+The trainer reads each function's signature to decide which log-probs to compute: a loss that
+takes no `ref_*` tensor needs no reference model. Losses are combined by the recipe as
+`sum_i weight_i * mean(loss_i)`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+# Names a loss function may take as tensor inputs; anything else is a hyperparameter.
+TENSOR_INPUTS = (
+    "policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected",
+    "chosen_lengths", "rejected_lengths",
+    "policy_gold", "gold_lengths",
+    # SRPO's self-improvement sequences: y' | (x, y) for y' in {chosen, rejected}, y in {chosen, rejected}
+    "policy_chosen_given_rejected", "policy_rejected_given_rejected",
+    "policy_chosen_given_chosen", "policy_rejected_given_chosen",
+    "ref_chosen_given_rejected", "ref_rejected_given_rejected",
+    "ref_chosen_given_chosen", "ref_rejected_given_chosen",
+    # soft labels: P(chosen beats rejected) per pair, or each response's win probability (SPPO)
+    "preference_probability", "chosen_win_probability", "rejected_win_probability",
+)
+
+LOSSES: dict[str, Callable] = {}
+
+
+def register(name: str):
+    """Add a loss function to `LOSSES` under `name`."""
+
+    def decorate(function: Callable) -> Callable:
+        if name in LOSSES:
+            raise ValueError(f"loss '{name}' registered twice")
+        LOSSES[name] = function
+        return function
+
+    return decorate
+
+
+def tensor_inputs(function: Callable) -> dict[str, bool]:
+    """The tensor parameters of a loss function, mapped to whether each is required."""
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name: p.default is inspect.Parameter.empty for p in parameters if p.name in TENSOR_INPUTS}
+
+
+def hyperparameters(function: Callable) -> dict[str, object]:
+    """The keyword-only hyperparameters of a loss function and their defaults."""
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def needs_reference(function: Callable) -> bool:
+    return any(name.startswith("ref_") for name in tensor_inputs(function))
+
+
+# Importing the modules fills the registry.
+from . import dpo  # noqa: E402,F401
