@@ -67,4 +67,4 @@ def needs_reference(function: Callable) -> bool:
 
 
 # Importing the modules fills the registry.
-from . import dpo  # noqa: E402,F401
+from . import dpo, fdpo, sppo, srpo, tpo  # noqa: E402,F401

@@ -1,0 +1,285 @@
+"""Properties of the losses beyond their formulas: registry contract, limits, edge cases, clamping."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+
+import pytest
+import torch
+from align_cli.losses import LOSSES, TENSOR_INPUTS, hyperparameters, needs_reference, tensor_inputs
+
+PAIR = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
+
+
+def pair_inputs(seed, batch=8, spread=3.0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    policy = -(0.5 + 30 * torch.rand(2, batch, generator=generator, dtype=dtype))
+    ref = policy + spread * (2 * torch.rand(2, batch, generator=generator, dtype=dtype) - 1)
+    return dict(zip(PAIR, (policy[0], policy[1], ref[0], ref[1])))
+
+
+def test_registry_contents():
+    assert set(LOSSES) == {
+        "dpo",
+        "cdpo",
+        "rdpo",
+        "ipo",
+        "hinge",
+        "sft",
+        "fdpo",
+        "tpo",
+        "tpo_l",
+        "srpo",
+        "sppo",
+    }
+
+
+def test_every_loss_follows_the_calling_convention():
+    for name, function in LOSSES.items():
+        assert re.search(r"et al\.|Mitchell", doc := function.__doc__ or ""), (
+            f"{name}: docstring cites no paper"
+        )
+        assert re.search(r"20[12]\d", doc) and "`" in doc, f"{name}: docstring needs the year and the formula"
+        for parameter in inspect.signature(function).parameters.values():
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
+                assert parameter.default is not inspect.Parameter.empty, f"{name}.{parameter.name}"
+                assert parameter.name not in TENSOR_INPUTS, f"{name}.{parameter.name}"
+            else:
+                assert parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, f"{name}.{parameter.name}"
+                assert parameter.name in TENSOR_INPUTS, f"{name}: '{parameter.name}' is not a tensor input"
+
+
+def test_tensor_inputs_and_needs_reference():
+    required_pair = dict.fromkeys(PAIR, True)
+    assert tensor_inputs(LOSSES["dpo"]) == required_pair
+    assert tensor_inputs(LOSSES["ipo"]) == {**required_pair, "chosen_lengths": True, "rejected_lengths": True}
+    assert tensor_inputs(LOSSES["sft"]) == {"policy_chosen": True, "chosen_lengths": True}
+    assert tensor_inputs(LOSSES["tpo"]) == {
+        "policy_chosen": True,
+        "policy_rejected": True,
+        "policy_gold": False,
+        "gold_lengths": False,
+    }
+    assert tensor_inputs(LOSSES["sppo"]) == {
+        **required_pair,
+        "chosen_win_probability": False,
+        "rejected_win_probability": False,
+    }
+    srpo_inputs = tensor_inputs(LOSSES["srpo"])
+    assert len(srpo_inputs) == 13 and srpo_inputs.pop("preference_probability") is False
+    assert all(srpo_inputs.values())
+    assert {n for n in LOSSES if not needs_reference(LOSSES[n])} == {"tpo", "tpo_l", "sft"}
+    assert hyperparameters(LOSSES["fdpo"]) == {
+        "beta": 0.1,
+        "divergence": "reverse_kl",
+        "alpha": 0.5,
+        "max_exponent": 80.0,
+    }
+    assert hyperparameters(LOSSES["tpo"]) == {"beta": 0.01, "label_smoothing": 0.0, "alpha": 1.0}
+    assert hyperparameters(LOSSES["srpo"]) == {"beta": 0.1, "a": 0.8}
+
+
+# --- DPO family ---------------------------------------------------------------------------------------------
+
+
+def test_rdpo_and_cdpo_differ_in_the_sign_of_the_flipped_term():
+    t, eps, beta = pair_inputs(1), 0.2, 0.3
+    z = beta * ((t["policy_chosen"] - t["ref_chosen"]) - (t["policy_rejected"] - t["ref_rejected"]))
+    robust = LOSSES["rdpo"](**t, beta=beta, label_smoothing=eps)[0]
+    conservative = LOSSES["cdpo"](**t, beta=beta, label_smoothing=eps)[0]
+    # (1-2eps) * rdpo - cdpo = 2 eps logsig(-z): the flipped-label term enters with opposite signs.
+    expected = 2 * eps * torch.nn.functional.logsigmoid(-z)
+    torch.testing.assert_close((1 - 2 * eps) * robust - conservative, expected)
+
+
+def test_rdpo_is_unbiased_under_label_flips_and_cdpo_is_not():
+    t, eps = pair_inputs(2), 0.25
+    flipped = {
+        "policy_chosen": t["policy_rejected"],
+        "policy_rejected": t["policy_chosen"],
+        "ref_chosen": t["ref_rejected"],
+        "ref_rejected": t["ref_chosen"],
+    }
+    clean = LOSSES["dpo"](**t)[0]
+    for name, unbiased in (("rdpo", True), ("cdpo", False)):
+        expected_over_flips = (1 - eps) * LOSSES[name](**t, label_smoothing=eps)[0] + eps * LOSSES[name](
+            **flipped, label_smoothing=eps
+        )[0]
+        assert torch.allclose(expected_over_flips, clean) is unbiased, name
+
+
+def test_smoothing_zero_is_dpo():
+    t = pair_inputs(3)
+    for name in ("cdpo", "rdpo"):
+        torch.testing.assert_close(LOSSES[name](**t, label_smoothing=0.0)[0], LOSSES["dpo"](**t)[0])
+
+
+@pytest.mark.parametrize("name, eps", [("rdpo", 0.5), ("rdpo", -0.1), ("cdpo", 0.7)])
+def test_smoothing_out_of_range_is_rejected(name, eps):
+    with pytest.raises(ValueError, match="label_smoothing"):
+        LOSSES[name](**pair_inputs(4), label_smoothing=eps)
+
+
+def test_sft_batch_mean_is_the_token_mean():
+    logps = torch.tensor([-3.0, -10.0, -0.5], dtype=torch.float64)
+    lengths = torch.tensor([2, 7, 1])
+    loss, metrics = LOSSES["sft"](logps, lengths)
+    torch.testing.assert_close(loss.mean(), torch.tensor(13.5 / 10, dtype=torch.float64))
+    torch.testing.assert_close(metrics["nll/chosen"], torch.tensor(1.35, dtype=torch.float64))
+
+
+def test_losses_combine_by_weights_into_rpo():
+    """`sum_i w_i * mean(loss_i)` with dpo and sft is RPO: DPO plus a weighted token-mean NLL."""
+    t = pair_inputs(5)
+    lengths = torch.randint(1, 30, (8,), generator=torch.Generator().manual_seed(0))
+    leaves = {k: v.clone().requires_grad_() for k, v in t.items()}
+    combined = (
+        1.0 * LOSSES["dpo"](**leaves, beta=0.2)[0].mean()
+        + 0.7 * LOSSES["sft"](leaves["policy_chosen"], lengths)[0].mean()
+    )
+    reference_leaves = {k: v.clone().requires_grad_() for k, v in t.items()}
+    r = reference_leaves
+    margin = (r["policy_chosen"] - r["ref_chosen"]) - (r["policy_rejected"] - r["ref_rejected"])
+    reference = torch.log1p(torch.exp(-0.2 * margin)).mean() + 0.7 * (
+        -r["policy_chosen"].sum() / lengths.sum()
+    )
+    torch.testing.assert_close(combined, reference)
+    ours = torch.autograd.grad(combined, list(leaves.values()))
+    theirs = torch.autograd.grad(reference, list(reference_leaves.values()))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
+# --- f-DPO --------------------------------------------------------------------------------------------------
+
+
+def test_fdpo_reverse_kl_is_dpo_and_alpha_limits():
+    t = pair_inputs(6)
+    dpo = LOSSES["dpo"](**t)[0]
+    torch.testing.assert_close(LOSSES["fdpo"](**t)[0], dpo)
+    # alpha -> 0 tends to reverse KL, alpha -> 1 to forward KL (paper convention).
+    torch.testing.assert_close(
+        LOSSES["fdpo"](**t, divergence="alpha", alpha=1e-7)[0], dpo, rtol=1e-5, atol=1e-6
+    )
+    forward = LOSSES["fdpo"](**t, divergence="forward_kl")[0]
+    near_one = LOSSES["fdpo"](**t, divergence="alpha", alpha=1 - 1e-7)[0]
+    torch.testing.assert_close(near_one, forward, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "js", "alpha", "reverse_kl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fdpo_stays_finite_for_huge_log_ratios(divergence, dtype):
+    magnitudes = torch.tensor([1e4, -1e4, 3e3, -3e3, 200.0, -200.0, 1.0, -90.0])
+    t = {
+        "policy_chosen": (-5 + magnitudes).to(dtype).requires_grad_(),
+        "policy_rejected": (-5 - magnitudes.flip(0)).to(dtype).requires_grad_(),
+        "ref_chosen": torch.full((8,), -5.0, dtype=dtype),
+        "ref_rejected": torch.full((8,), -5.0, dtype=dtype),
+    }
+    loss, metrics = LOSSES["fdpo"](**t, divergence=divergence, beta=0.1)
+    grads = torch.autograd.grad(loss.sum(), [t["policy_chosen"], t["policy_rejected"]])
+    assert torch.isfinite(loss).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert all(torch.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("divergence, alpha", [("forward_kl", 1.0), ("alpha", 0.5)])
+def test_fdpo_clamp_is_what_keeps_it_finite(divergence, alpha):
+    """Beyond `max_exponent` psi is constant: equal losses, zero gradient; without the clamp it overflows."""
+    beyond = {
+        "policy_chosen": torch.tensor([-1e4], requires_grad=True),
+        "policy_rejected": torch.tensor([-3.0]),
+        "ref_chosen": torch.tensor([0.0]),
+        "ref_rejected": torch.tensor([-2.0]),
+    }
+    max_exponent = 11.0
+    at_clamp = dict(beyond, policy_chosen=torch.tensor([-max_exponent / alpha]))
+    kwargs = {"divergence": divergence, "alpha": alpha, "max_exponent": max_exponent}
+    loss = LOSSES["fdpo"](**beyond, **kwargs)[0]
+    torch.testing.assert_close(loss, LOSSES["fdpo"](**at_clamp, **kwargs)[0])
+    (grad,) = torch.autograd.grad(loss.sum(), beyond["policy_chosen"])
+    assert grad.item() == 0.0
+    # psi at the clamp is -exp(11)/alpha, so beta * margin is about -0.1 * 6e4 / alpha.
+    assert loss.item() == pytest.approx(
+        0.1 * (math.exp(max_exponent) - math.exp(alpha * 1.0)) / alpha, rel=1e-4
+    )
+    unclamped = LOSSES["fdpo"](**beyond, divergence=divergence, alpha=alpha, max_exponent=math.inf)[0]
+    assert not torch.isfinite(unclamped).all()
+
+
+def test_fdpo_rejects_bad_settings():
+    with pytest.raises(ValueError, match="divergence"):
+        LOSSES["fdpo"](**pair_inputs(7), divergence="hellinger")
+    for alpha in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="alpha"):
+            LOSSES["fdpo"](**pair_inputs(7), divergence="alpha", alpha=alpha)
+
+
+# --- TPO, SRPO, SPPO ----------------------------------------------------------------------------------------
+
+
+def test_tpo_gold_nll_is_the_token_mean_and_optional():
+    t = pair_inputs(8)
+    pair = {"policy_chosen": t["policy_chosen"], "policy_rejected": t["policy_rejected"]}
+    gold = {"policy_gold": t["ref_chosen"], "gold_lengths": torch.arange(1, 9)}
+    without, metrics_without = LOSSES["tpo"](**pair)
+    assert "nll/gold" not in metrics_without
+    skipped, _ = LOSSES["tpo"](**pair, **gold, alpha=0.0)
+    torch.testing.assert_close(skipped, without)
+    with_gold, metrics = LOSSES["tpo"](**pair, **gold, alpha=0.5)
+    token_mean = -gold["policy_gold"].sum() / 36
+    torch.testing.assert_close(metrics["nll/gold"], token_mean)
+    torch.testing.assert_close(with_gold.mean(), without.mean() + 0.5 * token_mean)
+    with pytest.raises(ValueError, match="gold_lengths"):
+        LOSSES["tpo"](**pair, policy_gold=gold["policy_gold"])
+    lengths = {"chosen_lengths": torch.arange(2, 10), "rejected_lengths": torch.arange(3, 11)}
+    _, tpo_l_metrics = LOSSES["tpo_l"](**pair, **lengths, **gold)
+    torch.testing.assert_close(tpo_l_metrics["nll/gold"], token_mean)
+
+
+def test_tpo_l_gamma_is_a_margin_inside_the_sigmoid():
+    # Equal per-token log-probs: the loss is -logsig(-gamma) whatever beta.
+    pair = {
+        "policy_chosen": torch.tensor([-6.0]),
+        "policy_rejected": torch.tensor([-12.0]),
+        "chosen_lengths": torch.tensor([3]),
+        "rejected_lengths": torch.tensor([6]),
+    }
+    loss, _ = LOSSES["tpo_l"](**pair, beta=5.0, gamma=1.3)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(1.3)), rel=1e-6)
+
+
+def test_soft_labels_at_certainty_equal_hard_labels():
+    t = pair_inputs(9)
+    ones, zeros = torch.ones(8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)
+    hard = LOSSES["sppo"](**t)[0]
+    torch.testing.assert_close(
+        LOSSES["sppo"](**t, chosen_win_probability=ones, rejected_win_probability=zeros)[0], hard
+    )
+    extra = {
+        n: t["policy_chosen"] - 0.1 * i for i, n in enumerate(n for n in TENSOR_INPUTS if "_given_" in n)
+    }
+    srpo_hard = LOSSES["srpo"](**t, **extra)[0]
+    torch.testing.assert_close(LOSSES["srpo"](**t, **extra, preference_probability=ones)[0], srpo_hard)
+    # No preference (P = 1/2): the targets vanish, so the loss is zero exactly when every margin is.
+    equal = {k: torch.zeros(8, dtype=torch.float64) for k in list(t) + list(extra)}
+    assert LOSSES["srpo"](**equal, preference_probability=ones / 2)[0].abs().max() == 0
+
+
+def test_sppo_hard_matches_trl_sppo_hard_formula():
+    """TRL 1.16 `loss_type="sppo_hard"` (trl/trainer/dpo_trainer.py):
+    `(h_w - 0.5/beta)^2 + (h_l + 0.5/beta)^2`."""
+    t, beta = pair_inputs(10), 0.01
+    h_w, h_l = t["policy_chosen"] - t["ref_chosen"], t["policy_rejected"] - t["ref_rejected"]
+    torch.testing.assert_close(
+        LOSSES["sppo"](**t, beta=beta)[0], (h_w - 0.5 / beta) ** 2 + (h_l + 0.5 / beta) ** 2
+    )
+
+
+def test_srpo_rejects_weight_outside_unit_interval():
+    t = pair_inputs(11)
+    extra = {n: t["policy_chosen"] for n in TENSOR_INPUTS if "_given_" in n}
+    with pytest.raises(ValueError, match="self-improvement weight"):
+        LOSSES["srpo"](**t, **extra, a=1.2)
