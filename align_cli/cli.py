@@ -1,0 +1,132 @@
+"""The `align` command line: train, validate, recipes, env (eval and generate join later).
+
+Exit codes: 0 success; 2 bad input (one paragraph, no traceback); 1 internal failure (traceback);
+130/143 interrupted by SIGINT/SIGTERM after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(help="align: preference alignment for LLMs from YAML recipes.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+recipes_app = typer.Typer(help="List the shipped recipes, or print one (or the schema of every key).",
+                          invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+def _echo_err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@app.command()
+def train(
+    recipe: str = typer.Argument(..., help="Recipe file (or the name of a shipped recipe)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a recipe key: --set training.learning_rate=1e-6 (repeatable)."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Run directory (default: output.dir of the recipe)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the output directory from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished or partial run in the output directory."),
+):
+    """Train a model as the recipe says."""
+    import json
+
+    from .recipe import load_recipe
+    from .trainer import Interrupted, train as run_training
+
+    loaded, path = load_recipe(recipe, set_)
+    try:
+        summary = run_training(loaded, path, output_dir, resume, overwrite)
+    except Interrupted as stop:
+        _echo_err(f"Interrupted at step {stop.step}; checkpoint saved in {stop.checkpoint}. "
+                  f"Continue with: align train {recipe} --resume" + (f" --output-dir {output_dir}" if output_dir else ""))
+        raise typer.Exit(128 + stop.signal_number)
+    before, after = summary["before"], summary["after"]
+    shown = ["loss", "rewards/accuracies", "likelihood_accuracy", "task_accuracy"]
+    typer.echo(json.dumps({"run_dir": str(Path(summary["final_model_dir"] or ".").parent),
+                           "before": {k: before.get(k) for k in shown if k in before},
+                           "after": {k: after.get(k) for k in shown if k in after},
+                           "tokens_per_second": summary["tokens_per_second"]}, indent=2))
+
+
+@app.command()
+def validate(
+    recipe: str = typer.Argument(..., help="Recipe file (or the name of a shipped recipe)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a recipe key (as for train)."),
+):
+    """Check a recipe (keys, types, losses and their hyperparameters) without training."""
+    from .recipe import load_recipe
+
+    loaded, path = load_recipe(recipe, set_)
+    losses = ", ".join(f"{t.weight} x {t.name}{t.params or ''}" for t in loaded.method.losses)
+    typer.echo(f"{path}: valid. method {loaded.method.name}; losses {losses}; model {loaded.model.name}; "
+               f"data {loaded.data.train.source}.")
+
+
+@recipes_app.callback()
+def recipes_list(ctx: typer.Context):
+    """List the shipped recipes."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .recipe import builtin_recipes
+
+    for name, path in sorted(builtin_recipes().items()):
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        typer.echo(f"{name:18s} {first}")
+
+
+@recipes_app.command("show")
+def recipes_show(
+    name: Optional[str] = typer.Argument(None, help="A shipped recipe name or a recipe file."),
+    schema: bool = typer.Option(False, "--schema", help="Print every recipe key with its type, default and meaning."),
+):
+    """Print a recipe, or the schema of every key."""
+    from .recipe import resolve_recipe_path, schema_text
+
+    if schema:
+        typer.echo(schema_text())
+        return
+    if name is None:
+        raise UserError("Name a recipe (align recipes show dpo) or pass --schema.")
+    typer.echo(resolve_recipe_path(name).read_text())
+
+
+@app.command()
+def env():
+    """Versions, devices and which optional engines are available."""
+    from .envinfo import environment_report
+
+    for key, value in environment_report().items():
+        typer.echo(f"{key:22s} {value}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as error:
+        _echo_err(f"error: {error}")
+        sys.exit(2)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        _echo_err("Aborted.")
+        sys.exit(130)
+    except Exception as error:  # click's own usage errors are user errors too
+        import click
+
+        if isinstance(error, click.exceptions.ClickException):
+            error.show()
+            sys.exit(2)
+        traceback.print_exc()
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The recipe schema: every key a recipe may set, with its type, default and meaning.
+
+One pydantic model per YAML section. Each field's `description` is the user documentation
+(`align recipes show --schema` prints it), so this file is the one place keys are documented.
+Unknown keys are errors (`extra="forbid"`), reported with the closest valid key by `recipe.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("builtin:smollm2-135m-instruct",
+                      description="`builtin:NAME`, a local Hugging Face model directory, or a hub id (hub only when online).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype. `auto`: bfloat16 on GPUs that support it, else float32.")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model repository. Off unless you trust it.")
+    attn_implementation: Optional[str] = Field(
+        None, description="transformers attention backend (`sdpa`, `eager`, `flash_attention_2`); None picks the default.")
+    tokenizer: Optional[str] = Field(None, description="Tokenizer location if it differs from `name`.")
+
+
+class ReferenceConfig(Section):
+    name: Optional[str] = Field(
+        None, description="Frozen reference model. None: the starting policy (with LoRA, the adapter-disabled policy, no second copy).")
+    precompute: bool = Field(
+        False, description="Compute reference log-probs once before training and cache them on disk, keyed by a hash "
+                           "of the reference model, the data and the tokenisation settings; later runs with the same key reuse them.")
+    cache_dir: Optional[str] = Field(None, description="Where reference log-prob caches live (default: the align cache, `$ALIGN_CACHE`).")
+
+
+class ColumnMap(Section):
+    prompt: str = Field("prompt", description="Column holding the prompt (string or chat messages).")
+    chosen: str = Field("chosen", description="Column holding the preferred completion.")
+    rejected: str = Field("rejected", description="Column holding the dispreferred completion.")
+
+
+class DataSource(Section):
+    source: str = Field(..., description="`builtin:NAME`, a local .json/.jsonl/.parquet/.csv file or a saved dataset directory, or a hub dataset name.")
+    split: str = Field("train", description="Split to read.")
+    subset: Optional[str] = Field(None, description="Hub dataset configuration name.")
+    columns: ColumnMap = Field(default_factory=ColumnMap, description="Map the dataset's column names onto prompt/chosen/rejected.")
+    max_rows: Optional[int] = Field(None, ge=1, description="Use only the first N rows (after shuffling when `shuffle`).")
+
+
+class DataConfig(Section):
+    train: DataSource = Field(default_factory=lambda: DataSource(source="builtin:arithmetic_pairs"),
+                              description="Training data.")
+    eval: Optional[DataSource] = Field(None, description="Held-out data. None: split `eval_fraction` off the training data.")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of training rows held out when `eval` is not given.")
+    max_eval_rows: Optional[int] = Field(256, ge=1, description="Cap on held-out rows used for evaluation.")
+    max_length: int = Field(512, ge=8, description="Max tokens of prompt + completion per sequence.")
+    max_prompt_length: int = Field(256, ge=1, description="Longest prompt in tokens; longer prompts follow `prompt_truncation`.")
+    prompt_truncation: Literal["drop", "keep_end"] = Field(
+        "drop", description="Prompts over max_prompt_length: `drop` the row, or `keep_end` (keep the last tokens). "
+                            "Completions are cut on the right to fit max_length. Both are counted in a warning.")
+    system_prompt: Optional[str] = Field(None, description="System message prepended to chat prompts that have none.")
+    chat_template: Optional[str] = Field(None, description="Jinja chat template (text or path) overriding the tokenizer's.")
+    num_proc: Optional[int] = Field(None, ge=1, description="Processes for tokenisation (`datasets.map`); None: one per core, at most 8.")
+    shuffle_seed: int = Field(0, description="Seed of the train/eval split.")
+
+
+class LossTerm(BaseModel):
+    """One weighted loss; any other key is a hyperparameter of that loss (checked against its signature)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(..., description="A name from `align_cli.losses.LOSSES`.")
+    weight: float = Field(1.0, description="Weight of this term in the sum of mean losses.")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class MethodConfig(Section):
+    name: Literal["dpo"] = Field("dpo", description="Training method: `dpo` (offline pairwise trainer, any pairwise loss).")
+    losses: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="dpo")],
+                                   description="Loss terms: `- {name: dpo, weight: 1.0, beta: 0.1}`; the loss is sum_i weight_i * mean(loss_i).")
+
+
+class TrainingConfig(Section):
+    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate of AdamW.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps spent warming up (ignored when warmup_steps > 0).")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    batch_size: int = Field(8, ge=1, description="Pairs per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the training data (used when max_steps is None).")
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimiser steps; overrides num_epochs.")
+    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Mixed precision; `auto`: bf16 on supporting GPUs, else fp32.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the global gradient norm; None disables clipping.")
+    fused_logprobs: bool = Field(True, description="Compute log-probs with the fused LM-head kernel (no [tokens, vocab] logits).")
+    eval_every: Optional[int] = Field(None, ge=1, description="Evaluate on held-out pairs every N steps (and at the end).")
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch (None: torch's default).")
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(False, description="Train LoRA adapters instead of all weights.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling alpha.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: Any = Field("all-linear", description="Modules to adapt: a list of names or `all-linear`.")
+    merge_on_save: bool = Field(True, description="Save the final model with adapters merged into a plain HF directory.")
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs/{recipe}", description="Run directory; `{recipe}` is the recipe file's stem.")
+    save_final_model: bool = Field(True, description="Write the final model as a Hugging Face directory (`final_model/`).")
+
+
+class LoggingConfig(Section):
+    every: int = Field(1, ge=1, description="Log metrics every N steps.")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files under `tensorboard/`.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class CheckpointConfig(Section):
+    every: Optional[int] = Field(50, ge=1, description="Save a checkpoint every N steps (and at the end); None: only at the end.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+
+
+class EvaluationConfig(Section):
+    task: Optional[Literal["arithmetic"]] = Field(
+        "arithmetic", description="Verifiable task for held-out generation accuracy before and after training; None skips it.")
+    prompts: str = Field("builtin:arithmetic_prompts", description="Prompts (with an `answer` column) for the task accuracy.")
+    split: str = Field("test", description="Split of `prompts`.")
+    num_prompts: int = Field(100, ge=1, description="Prompts generated for the task accuracy.")
+    max_new_tokens: int = Field(16, ge=1, description="Generation budget per answer.")
+    batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
+
+
+class Recipe(Section):
+    """A whole run: what to train, on what, how, and where the results go."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    peft: LoraConfig = Field(default_factory=LoraConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpointing: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> "Recipe":
+        if self.data.max_prompt_length >= self.data.max_length:
+            raise ValueError(f"data.max_prompt_length ({self.data.max_prompt_length}) must be smaller than "
+                             f"data.max_length ({self.data.max_length}) to leave room for the completion")
+        return self

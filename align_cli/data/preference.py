@@ -1,0 +1,139 @@
+"""Preference rows -> tokenised, masked examples.
+
+Accepted row formats (after the recipe's column mapping):
+- explicit prompt: `prompt`, `chosen`, `rejected`, each a string (standard format: used as raw
+  text, no chat template) or a list of chat messages (conversational: rendered with the chat template);
+- implicit prompt: only `chosen` and `rejected`, full conversations (or strings) sharing a prefix,
+  which becomes the prompt (`trl.data_utils.extract_prompt`).
+
+Truncation policy (`data.max_length`, `data.max_prompt_length`, `data.prompt_truncation`):
+1. A prompt longer than `max_prompt_length` tokens is dropped from training (`drop`, the default:
+   cutting a prompt silently changes the task) or keeps its last `max_prompt_length` tokens (`keep_end`).
+2. A completion is cut on the right so that prompt + completion fits in `max_length`.
+Both are counted and reported as a warning. If no row survives, the run stops with an error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+REQUIRED = ("chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class TokenisationSettings:
+    max_length: int
+    max_prompt_length: int
+    prompt_truncation: str = "drop"
+    system_prompt: str | None = None
+
+    def key(self) -> dict:
+        return dict(self.__dict__)
+
+
+def apply_column_mapping(dataset, mapping: dict[str, str], source: str):
+    """Rename the dataset's columns to prompt/chosen/rejected, naming what is missing."""
+    columns = set(dataset.column_names)
+    renames = {}
+    for canonical, actual in mapping.items():
+        if actual in columns:
+            if actual != canonical:
+                renames[actual] = canonical
+        elif canonical in REQUIRED or actual != canonical:
+            raise UserError(f"Dataset '{source}' has no column '{actual}' (for '{canonical}'). Columns found: "
+                            f"{', '.join(sorted(columns))}. Map yours with data.train.columns.{canonical}: NAME.")
+    if renames:
+        dataset = dataset.rename_columns(renames)
+    if len(dataset) == 0:
+        raise UserError(f"Dataset '{source}' is empty: it has no rows to train on.")
+    return dataset
+
+
+def _with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt and not (messages and messages[0].get("role") == "system"):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def render_prompt_and_completion(tokenizer, prompt, completion, system_prompt: str | None = None) -> tuple[str, str]:
+    """The prompt text and the completion text that follows it, chat template applied when conversational."""
+    if isinstance(prompt, str) and isinstance(completion, str):
+        eos = tokenizer.eos_token or ""
+        return prompt, completion if completion.endswith(eos) else completion + eos
+    if isinstance(prompt, str) or isinstance(completion, str):
+        raise ValueError("prompt and completion must both be strings or both be chat message lists")
+    prompt = _with_system_prompt(list(prompt), system_prompt)
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(prompt + list(completion), tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+    return prompt_text, full_text[len(prompt_text):]
+
+
+def _prompt_ids(tokenizer, text: str, conversational: bool) -> list[int]:
+    # A rendered chat template already holds its special tokens; raw text gets the tokenizer's own.
+    return tokenizer(text, add_special_tokens=not conversational)["input_ids"]
+
+
+def tokenise_pair(row: dict, tokenizer, settings: TokenisationSettings) -> dict:
+    """One preference row -> prompt ids, chosen ids, rejected ids (truncated per the policy)."""
+    if "prompt" not in row or row["prompt"] is None:
+        from trl.data_utils import extract_prompt
+
+        row = {**row, **extract_prompt({"chosen": row["chosen"], "rejected": row["rejected"]})}
+    conversational = not isinstance(row["prompt"], str)
+    prompt_text, chosen_text = render_prompt_and_completion(tokenizer, row["prompt"], row["chosen"], settings.system_prompt)
+    _, rejected_text = render_prompt_and_completion(tokenizer, row["prompt"], row["rejected"], settings.system_prompt)
+    prompt_ids = _prompt_ids(tokenizer, prompt_text, conversational)
+    prompt_too_long = len(prompt_ids) > settings.max_prompt_length
+    if prompt_too_long and settings.prompt_truncation == "keep_end":
+        prompt_ids = prompt_ids[-settings.max_prompt_length:]
+    room = max(settings.max_length - len(prompt_ids), 0)
+    chosen_ids = tokenizer(chosen_text, add_special_tokens=False)["input_ids"]
+    rejected_ids = tokenizer(rejected_text, add_special_tokens=False)["input_ids"]
+    keep = not (prompt_too_long and settings.prompt_truncation == "drop") and room > 0
+    return {
+        "prompt_ids": prompt_ids,
+        "chosen_ids": chosen_ids[:room],
+        "rejected_ids": rejected_ids[:room],
+        "keep": keep,
+        "prompt_length": len(prompt_ids),
+        "completion_truncated": keep and (len(chosen_ids) > room or len(rejected_ids) > room),
+    }
+
+
+def default_num_proc(rows: int) -> int:
+    # Worker start-up costs more than it saves on small sets.
+    return 1 if rows < 5000 else max(1, min(8, os.cpu_count() or 1))
+
+
+def tokenise_preferences(dataset, tokenizer, settings: TokenisationSettings, source: str, num_proc: int | None = None):
+    """Tokenise every row with `datasets.map` (cached on disk, parallel for large sets), apply the
+    truncation policy and return `(dataset, report)`. Kept rows get `row_index` = their position in
+    the returned dataset (what reference caches index by) and `source_row` = their row in the source."""
+    dataset = dataset.map(lambda _, index: {"source_row": index}, with_indices=True)
+    try:
+        tokenised = dataset.map(
+            tokenise_pair,
+            fn_kwargs={"tokenizer": tokenizer, "settings": settings},
+            remove_columns=[c for c in dataset.column_names if c != "source_row"],
+            num_proc=num_proc or default_num_proc(len(dataset)),
+            desc="Tokenising",
+        )
+    except (KeyError, ValueError, TypeError) as error:
+        raise UserError(f"Dataset '{source}': a row could not be read as a preference pair ({error}). "
+                        f"Rows need chosen/rejected (and optionally prompt) as strings or chat message lists.") from None
+    dropped = len(tokenised) - sum(tokenised["keep"])
+    report = {"rows": len(tokenised), "dropped_long_prompts": dropped,
+              "truncated_completions": int(sum(tokenised["completion_truncated"]))}
+    if dropped == len(tokenised):
+        raise UserError(f"Dataset '{source}': every prompt is longer than data.max_prompt_length="
+                        f"{settings.max_prompt_length} tokens (shortest: {min(tokenised['prompt_length'])}). "
+                        f"Raise data.max_prompt_length (and data.max_length), or set data.prompt_truncation: keep_end.")
+    if dropped:
+        tokenised = tokenised.filter(lambda keep: keep, input_columns="keep")
+    tokenised = tokenised.remove_columns(["keep", "completion_truncated"])
+    return tokenised.map(lambda _, index: {"row_index": index}, with_indices=True), report

@@ -1,0 +1,74 @@
+"""Loading a dataset source named in a recipe: builtin, local file or directory, or hub name."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+from ..errors import UserError
+
+BUILTIN_PREFIX = "builtin:"
+_FILE_LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def builtin_datasets() -> dict[str, list[str]]:
+    """Shipped data sets by name, with their splits (files are `NAME.SPLIT.jsonl`)."""
+    found: dict[str, list[str]] = {}
+    for entry in resources.files("align_cli.builtin_data").iterdir():
+        parts = entry.name.split(".")
+        if len(parts) == 3 and parts[2] == "jsonl":
+            found.setdefault(parts[0], []).append(parts[1])
+    return found
+
+
+def _builtin_file(name: str, split: str) -> str:
+    available = builtin_datasets()
+    if name not in available:
+        raise UserError(f"Unknown builtin dataset 'builtin:{name}'. Builtin datasets: "
+                        + ", ".join(f"builtin:{n}" for n in sorted(available)) + ".")
+    if split not in available[name]:
+        raise UserError(f"builtin:{name} has no split '{split}'; its splits are {', '.join(sorted(available[name]))}.")
+    return str(resources.files("align_cli.builtin_data") / f"{name}.{split}.jsonl")
+
+
+def load_source(source: str, split: str = "train", subset: str | None = None):
+    """Return a `datasets.Dataset` for a recipe's `data.*.source`."""
+    import datasets
+
+    if source.startswith(BUILTIN_PREFIX):
+        path = _builtin_file(source[len(BUILTIN_PREFIX):], split)
+        return datasets.load_dataset("json", data_files={split: path}, split=split)
+    path = Path(source).expanduser()
+    if path.is_file():
+        loader = _FILE_LOADERS.get(path.suffix.lower())
+        if loader is None:
+            raise UserError(f"Data file '{source}' has an unsupported extension '{path.suffix}'; "
+                            f"use one of {', '.join(_FILE_LOADERS)}.")
+        try:
+            return datasets.load_dataset(loader, data_files={split: str(path)}, split=split)
+        except Exception as error:  # datasets raises many types for malformed files
+            raise UserError(f"Could not read data file '{source}' as {loader}: {error}") from None
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(str(path), subset, split=split)
+    if source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _FILE_LOADERS:
+        raise UserError(f"Data file '{source}' does not exist. Check the path in data.*.source "
+                        f"(relative paths are read from {os.getcwd()}).")
+    return _load_hub(source, split, subset)
+
+
+def _load_hub(name: str, split: str, subset: str | None):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, subset, split=split)
+    except Exception as error:
+        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+        reason = ("hub access is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and it is not in the local cache"
+                  if offline else f"loading it failed: {error}")
+        raise UserError(f"Dataset '{name}' (split '{split}') could not be loaded: {reason}. "
+                        f"Use a local file, a builtin dataset ({', '.join('builtin:' + n for n in builtin_datasets())}), "
+                        f"or run online once to cache it.") from None

@@ -1,0 +1,55 @@
+"""Held-out measurements: preference metrics on eval pairs, and task accuracy of generated answers."""
+
+from __future__ import annotations
+
+import torch
+
+from . import tasks
+from .data.batching import collate_pairs
+from .generation import SamplingSettings, generate
+from .logprobs import sequence_logps
+
+
+@torch.no_grad()
+def evaluate_pairs(model, reference, objective, dataset, pad_id: int, batch_size: int, device, fused: bool) -> dict:
+    """Mean loss and metrics over held-out pairs, plus `likelihood_accuracy`: how often the policy
+    itself gives the chosen answer a higher per-token log-prob than the rejected one (meaningful
+    before training too, unlike the implicit-reward accuracy, which is a tie at step 0)."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    weight = 0
+    for start in range(0, len(dataset), batch_size):
+        examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch, extras = collate_pairs(examples, pad_id)
+        batch = batch.to(device)
+        policy = sequence_logps(model, batch, fused=fused)
+        half = len(examples)
+        tensors = {"policy_chosen": policy.sums[:half], "policy_rejected": policy.sums[half:],
+                   "chosen_lengths": policy.token_counts[:half], "rejected_lengths": policy.token_counts[half:]}
+        if objective.needs_reference:
+            tensors.update(reference(batch, extras))
+        loss, metrics = objective(tensors)
+        per_token = tensors["policy_chosen"] / tensors["chosen_lengths"] > tensors["policy_rejected"] / tensors["rejected_lengths"]
+        metrics = {"loss": float(loss), **metrics, "likelihood_accuracy": float(per_token.float().mean())}
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + value * half
+        weight += half
+    model.train(was_training)
+    return {name: value / weight for name, value in totals.items()}
+
+
+def task_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int,
+                  system_prompt: str | None = None) -> dict:
+    """Greedy answers to held-out task prompts, checked by the task's verifier."""
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+    answers = [samples[0] for samples in generate(model, tokenizer, [r["prompt"] for r in rows], settings, system_prompt)]
+    correct = [tasks.is_correct(text, row["answer"]) for text, row in zip(answers, rows)]
+    lenient = [tasks.extract_number(text) == int(row["answer"]) for text, row in zip(answers, rows)]
+    return {
+        "task_accuracy": sum(correct) / len(rows),
+        "answer_accuracy_lenient": sum(lenient) / len(rows),
+        "mean_answer_chars": sum(len(a) for a in answers) / len(rows),
+        "examples": [{"prompt": r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else r["prompt"],
+                      "answer": a, "correct": c} for r, a, c in list(zip(rows, answers, correct))[:5]],
+    }

@@ -1,0 +1,97 @@
+"""Reference log-probs: computed live from a frozen model, or once and cached on disk.
+
+The disk cache is keyed by a hash of (reference model identity, tokenised data fingerprint,
+tokenisation settings, dtype, log-prob path), so a second run with the same key reuses the file and
+never runs the reference model. A changed model file, data row or setting gives a new key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .data.batching import SequenceBatch, collate_pairs
+from .logprobs import sequence_logps
+from .paths import cache_root
+
+
+def model_identity(location: str) -> dict:
+    """What identifies a model's weights: for a directory, its weight files' names, sizes and mtimes."""
+    path = Path(location)
+    if not path.is_dir():
+        return {"hub_id": location}
+    files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
+    return {"path": str(path.resolve()),
+            "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
+
+
+def cache_key(identity: dict, data_fingerprint: str, settings: dict) -> str:
+    payload = json.dumps({"model": identity, "data": data_fingerprint, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+class LiveReference:
+    """Runs the reference model (or the adapter-disabled policy) without autograd on each batch."""
+
+    def __init__(self, model, context_factory, fused: bool):
+        self.model, self.context_factory, self.fused = model, context_factory, fused
+
+    @torch.no_grad()
+    def __call__(self, batch: SequenceBatch, extras: dict) -> dict[str, torch.Tensor]:
+        with self.context_factory():
+            sums = sequence_logps(self.model, batch, fused=self.fused).sums
+        half = batch.num_sequences // 2
+        return {"ref_chosen": sums[:half], "ref_rejected": sums[half:]}
+
+
+class CachedReference:
+    """Looks reference log-probs up by row index."""
+
+    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor):
+        self.chosen, self.rejected = chosen, rejected
+
+    def __call__(self, batch: SequenceBatch, extras: dict) -> dict[str, torch.Tensor]:
+        rows = extras["row_index"].cpu()
+        device = batch.input_ids.device
+        return {"ref_chosen": self.chosen[rows].to(device), "ref_rejected": self.rejected[rows].to(device)}
+
+
+@torch.no_grad()
+def compute_rows(live: LiveReference, dataset, rows: list[int], pad_id: int, batch_size: int, device,
+                 chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+    """Fill `chosen[r]`, `rejected[r]` with reference log-probs for each row index `r` in `rows`."""
+    for start in range(0, len(rows), batch_size):
+        examples = [dataset[i] for i in rows[start: start + batch_size]]
+        batch, extras = collate_pairs(examples, pad_id)
+        result = live(batch.to(device), extras)
+        chosen[extras["row_index"]] = result["ref_chosen"].float().cpu()
+        rejected[extras["row_index"]] = result["ref_rejected"].float().cpu()
+
+
+def cached_or_computed(live: LiveReference, dataset, rows: list[int], pad_id: int, batch_size: int, device,
+                       key: str, cache_dir: str | None, is_main: bool = True) -> tuple[CachedReference, int]:
+    """Reference log-probs for `rows` of `dataset` (row index = position), from the cache file of `key`
+    where present; rows missing from it are computed and the file is rewritten atomically. A run
+    computes only the rows it will visit; a later run with the same key computes none of those again.
+    Returns the provider and how many rows were computed now."""
+    folder = Path(cache_dir).expanduser() if cache_dir else cache_root() / "reference_logps"
+    path = folder / f"{key}.pt"
+    if path.exists():
+        stored = torch.load(path, map_location="cpu")
+        chosen, rejected = stored["chosen"], stored["rejected"]
+    else:
+        chosen = torch.full((len(dataset),), float("nan"))
+        rejected = torch.full((len(dataset),), float("nan"))
+    missing = [row for row in rows if torch.isnan(chosen[row])]
+    if missing:
+        compute_rows(live, dataset, missing, pad_id, batch_size, device, chosen, rejected)
+        if is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            torch.save({"chosen": chosen, "rejected": rejected, "key": key}, staging)
+            os.replace(staging, path)
+    return CachedReference(chosen, rejected), len(missing)

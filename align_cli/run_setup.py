@@ -1,0 +1,167 @@
+"""Everything a run needs before its first step: run directory, Accelerator, tokenizer, data, models."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import list_checkpoints
+from .config import DataSource, Recipe
+from .data.preference import TokenisationSettings, apply_column_mapping, tokenise_preferences
+from .data.sources import load_source
+from .errors import UserError
+from .models import apply_lora, freeze, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_location, unwrap
+
+
+@dataclass
+class RunInputs:
+    recipe: Recipe
+    run_dir: Path
+    accelerator: object
+    tokenizer: object
+    tokenisation: TokenisationSettings
+    train_data: object
+    eval_data: object
+    data_report: dict
+    policy: torch.nn.Module
+    reference_model: torch.nn.Module | None
+    reference_context: Callable
+    reference_location: str
+    dtype: torch.dtype
+    task_rows: list[dict]
+
+    def save_final_model(self, model) -> Path:
+        """The trained model as a plain Hugging Face directory (LoRA merged on request), written atomically."""
+        accelerator = self.accelerator
+        target = self.run_dir / "final_model"
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            inner = accelerator.unwrap_model(model)
+            staging = Path(tempfile.mkdtemp(prefix=".final_model.", dir=self.run_dir))
+            if self.recipe.peft.enabled and self.recipe.peft.merge_on_save:
+                inner = inner.merge_and_unload()
+                state_dict = None
+            inner.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+            self.tokenizer.save_pretrained(staging)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        accelerator.wait_for_everyone()
+        return target
+
+
+def resolve_run_dir(recipe: Recipe, recipe_path: Path | None, output_dir: str | None, resume: bool, overwrite: bool) -> Path:
+    stem = recipe_path.stem if recipe_path else "run"
+    run_dir = Path(output_dir or recipe.output.dir.format(recipe=stem))
+    has_run = run_dir.exists() and (list_checkpoints(run_dir) or (run_dir / "summary.json").exists()
+                                    or (run_dir / "metrics.jsonl").exists())
+    if has_run and not resume and not overwrite:
+        raise UserError(f"Output directory '{run_dir}' already holds a run. Pass --resume to continue it, "
+                        f"--overwrite to replace it, or --output-dir to write elsewhere.")
+    if resume and not list_checkpoints(run_dir):
+        raise UserError(f"--resume: '{run_dir}' has no checkpoint to resume from. Run without --resume to start.")
+    if overwrite and has_run and not resume:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def make_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+
+    precision = recipe.training.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
+                       gradient_accumulation_steps=recipe.training.gradient_accumulation_steps,
+                       cpu=not torch.cuda.is_available())
+
+
+def load_preference_split(source: DataSource, tokenizer, settings: TokenisationSettings, num_proc):
+    dataset = load_source(source.source, source.split, source.subset)
+    dataset = apply_column_mapping(dataset, source.columns.model_dump(), source.source)
+    if source.max_rows:
+        dataset = dataset.select(range(min(source.max_rows, len(dataset))))
+    return dataset
+
+
+def load_data(recipe: Recipe, tokenizer, settings: TokenisationSettings):
+    data = recipe.data
+    train_raw = load_preference_split(data.train, tokenizer, settings, data.num_proc)
+    if data.eval is not None:
+        eval_raw = load_preference_split(data.eval, tokenizer, settings, data.num_proc)
+    else:
+        if data.eval_fraction == 0 or len(train_raw) < 2:
+            raise UserError("No held-out data: set data.eval (a source) or data.eval_fraction > 0.")
+        split = train_raw.train_test_split(test_size=data.eval_fraction, seed=data.shuffle_seed)
+        train_raw, eval_raw = split["train"], split["test"]
+    if data.max_eval_rows:
+        eval_raw = eval_raw.select(range(min(data.max_eval_rows, len(eval_raw))))
+    train, train_report = tokenise_preferences(train_raw, tokenizer, settings, data.train.source, data.num_proc)
+    evaluation, eval_report = tokenise_preferences(eval_raw, tokenizer, settings,
+                                                   (data.eval or data.train).source, data.num_proc)
+    report = {"train": train_report, "eval": eval_report}
+    for split, counts in report.items():
+        if counts["dropped_long_prompts"] or counts["truncated_completions"]:
+            warnings.warn(f"{split} data: dropped {counts['dropped_long_prompts']} of {counts['rows']} rows whose prompt "
+                          f"exceeds data.max_prompt_length, cut {counts['truncated_completions']} completions to "
+                          f"data.max_length.", stacklevel=2)
+    return train, evaluation, report
+
+
+def load_task_rows(recipe: Recipe) -> list[dict]:
+    evaluation = recipe.evaluation
+    if evaluation.task is None:
+        return []
+    dataset = load_source(evaluation.prompts, evaluation.split)
+    if "answer" not in dataset.column_names or "prompt" not in dataset.column_names:
+        raise UserError(f"evaluation.prompts '{evaluation.prompts}' needs 'prompt' and 'answer' columns; "
+                        f"found {', '.join(dataset.column_names)}.")
+    return [dataset[i] for i in range(min(evaluation.num_prompts, len(dataset)))]
+
+
+def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None, resume: bool, overwrite: bool,
+                needs_reference: bool = True) -> RunInputs:
+    from accelerate.utils import set_seed
+
+    if recipe.training.threads:
+        torch.set_num_threads(recipe.training.threads)
+    run_dir = resolve_run_dir(recipe, recipe_path, output_dir, resume, overwrite)
+    (run_dir / "recipe.yaml").write_text(_recipe_yaml(recipe))
+    accelerator = make_accelerator(recipe)
+    set_seed(recipe.training.seed)
+    tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template)
+    settings = TokenisationSettings(recipe.data.max_length, recipe.data.max_prompt_length,
+                                    recipe.data.prompt_truncation, recipe.data.system_prompt)
+    with accelerator.main_process_first():
+        train_data, eval_data, report = load_data(recipe, tokenizer, settings)
+    dtype = resolve_dtype(recipe.model.dtype)
+    policy = load_causal_lm(recipe.model.name, recipe.model, dtype)
+    if recipe.training.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference_name = recipe.reference.name
+    reference_model, context = None, contextlib.nullcontext
+    if recipe.peft.enabled:
+        policy = apply_lora(policy, recipe.peft)
+        if reference_name is None:
+            reference_model, context = policy, unwrap(policy).disable_adapter
+    if reference_model is None and needs_reference:
+        reference_model = freeze(load_causal_lm(reference_name or recipe.model.name, recipe.model, dtype))
+        reference_model.to(accelerator.device)
+    return RunInputs(recipe, run_dir, accelerator, tokenizer, settings, train_data, eval_data, report, policy,
+                     reference_model, context, resolve_model_location(reference_name or recipe.model.name), dtype,
+                     load_task_rows(recipe))
+
+
+def _recipe_yaml(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

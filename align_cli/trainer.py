@@ -1,0 +1,246 @@
+"""The offline pairwise trainer: every loss of the DPO family (and any pairwise loss in LOSSES).
+
+The loop is plain and readable on purpose (torchtune's habit): build the pieces, then
+`for step: for micro-batch: forward -> loss -> backward; clip; step; log; checkpoint`.
+Iterative methods (APO, Curry-DPO) call `train` once per iteration or stage.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from .config import Recipe
+from .data.batching import DataOrder, collate_pairs
+from .errors import UserError
+from .evaluation import evaluate_pairs, task_accuracy
+from .logprobs import sequence_logps
+from .metrics import MetricsLog, progress_bar
+from .objective import Objective
+from .reference import LiveReference, cache_key, cached_or_computed, model_identity
+from .run_setup import RunInputs, prepare_run
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved at `step`."""
+
+    def __init__(self, step: int, signal_number: int, checkpoint: Path):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.signal_number, self.checkpoint = step, signal_number, checkpoint
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss: the run stops, the last good checkpoint stays."""
+
+
+@dataclass
+class StopFlag:
+    signal_number: int | None = None
+    previous: dict = field(default_factory=dict)
+
+    def install(self) -> None:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[number] = signal.signal(number, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, number, _frame) -> None:
+        self.signal_number = number
+
+    def restore(self) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def total_steps(recipe: Recipe, order: DataOrder) -> int:
+    training = recipe.training
+    if training.max_steps:
+        return training.max_steps
+    micro_batches = math.floor(training.num_epochs * order.batches_per_epoch)
+    return max(1, micro_batches // training.gradient_accumulation_steps)
+
+
+def build_reference(run: RunInputs, objective: Objective, train_rows: list[int]):
+    """The reference provider the objective needs: none, cached log-probs, or a live frozen model.
+    With `reference.precompute`, log-probs of the train rows this run visits (and of all eval rows)
+    come from the disk cache, computed first where missing."""
+    if not objective.needs_reference:
+        return None, {}
+    recipe, accelerator = run.recipe, run.accelerator
+    live = LiveReference(run.reference_model, run.reference_context, recipe.training.fused_logprobs)
+    if not recipe.reference.precompute:
+        return live, {"reference": "live"}
+    providers, computed = {}, {}
+    for split, dataset, rows in (("train", run.train_data, train_rows),
+                                 ("eval", run.eval_data, list(range(len(run.eval_data))))):
+        key = cache_key(model_identity(run.reference_location), dataset._fingerprint,
+                        {**run.tokenisation.key(), "dtype": str(run.dtype), "fused": recipe.training.fused_logprobs})
+        providers[split], computed[split] = cached_or_computed(
+            live, dataset, rows, run.tokenizer.pad_token_id, recipe.training.batch_size, accelerator.device, key,
+            recipe.reference.cache_dir, accelerator.is_main_process)
+    return providers, {"reference": "cached", "reference_rows_computed": computed}
+
+
+def pair_forward(model, batch, extras, objective: Objective, reference, fused: bool):
+    policy = sequence_logps(model, batch, fused=fused)
+    half = batch.num_sequences // 2
+    tensors = {"policy_chosen": policy.sums[:half], "policy_rejected": policy.sums[half:],
+               "chosen_lengths": extras["chosen_lengths"].to(policy.sums.device),
+               "rejected_lengths": extras["rejected_lengths"].to(policy.sums.device)}
+    if reference is not None:
+        tensors.update(reference(batch, extras))
+    return objective(tensors)
+
+
+def _reference_for(reference, split: str):
+    return reference[split] if isinstance(reference, dict) else reference
+
+
+def _measure(run: RunInputs, model, objective, reference) -> dict:
+    recipe = run.recipe
+    results = evaluate_pairs(model, _reference_for(reference, "eval"), objective, run.eval_data,
+                             run.tokenizer.pad_token_id, recipe.training.batch_size, run.accelerator.device,
+                             recipe.training.fused_logprobs)
+    if run.task_rows:
+        results.update(task_accuracy(model, run.tokenizer, run.task_rows, recipe.evaluation.max_new_tokens,
+                                     recipe.evaluation.batch_size, recipe.data.system_prompt))
+    return results
+
+
+def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | None = None, resume: bool = False,
+          overwrite: bool = False, on_step_end: Callable[[int], None] | None = None) -> dict:
+    """Run the recipe; return the run summary (also written to `summary.json`)."""
+    objective = Objective(recipe.method.losses)
+    run = prepare_run(recipe, recipe_path, output_dir, resume, overwrite, objective.needs_reference)
+    accelerator, training = run.accelerator, recipe.training
+    order = DataOrder(len(run.train_data), training.batch_size, training.seed,
+                      accelerator.num_processes, accelerator.process_index)
+    if order.batches_per_epoch == 0:
+        raise UserError(f"The training data has {len(run.train_data)} rows, fewer than one global batch "
+                        f"({training.batch_size} x {accelerator.num_processes} processes). Lower training.batch_size.")
+    steps = total_steps(recipe, order)
+    visited = sorted({row for k in range(steps * training.gradient_accumulation_steps) for row in order.batch(k)})
+    reference, reference_info = build_reference(run, objective, visited)
+    if recipe.reference.precompute and run.reference_model is not run.policy:
+        run.reference_model = None  # cached log-probs replace it: free its memory
+
+    model = run.policy
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate, betas=training.adam_betas,
+                                  weight_decay=training.weight_decay)
+    from transformers import get_scheduler
+
+    warmup = training.warmup_steps or int(training.warmup_ratio * steps)
+    scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    state = {"step": 0, "micro_batch": 0, "tokens": 0, "seconds": 0.0}
+    checkpoint = latest_checkpoint(run.run_dir) if resume else None
+    if checkpoint is not None:
+        state.update(load_checkpoint(accelerator, checkpoint))
+        accelerator.print(f"Resuming from {checkpoint} (step {state['step']}).")
+    before_path = run.run_dir / "before.json"
+    if before_path.exists():
+        import json
+
+        before = json.loads(before_path.read_text())
+    else:
+        before = _measure(run, model, objective, reference)
+        if accelerator.is_main_process:
+            write_json_atomic(before_path, before)
+
+    log = MetricsLog(run.run_dir, recipe.logging.tensorboard, accelerator.is_main_process)
+    stop = StopFlag()
+    stop.install()
+    train_reference = _reference_for(reference, "train")
+    model.train()
+    started = time.time()
+    last_metrics: dict = {}
+    try:
+        with progress_bar(recipe.logging.progress and accelerator.is_main_process) as progress:
+            task = progress.add_task(f"{recipe.method.name}", total=steps, completed=state["step"],
+                                     loss=float("nan"), accuracy=float("nan"), tokens_per_second=0.0)
+            while state["step"] < steps:
+                step_started = time.time()
+                step_tokens, step_metrics = 0, []
+                for _ in range(training.gradient_accumulation_steps):
+                    rows = order.batch(state["micro_batch"])
+                    batch, extras = collate_pairs([run.train_data[i] for i in rows], run.tokenizer.pad_token_id)
+                    batch = batch.to(accelerator.device)
+                    with accelerator.accumulate(model):
+                        loss, metrics = pair_forward(model, batch, extras, objective, train_reference,
+                                                     training.fused_logprobs)
+                        if not torch.isfinite(loss):
+                            raise TrainingDiverged(
+                                f"The loss became {float(loss)} at step {state['step'] + 1} (micro-batch rows "
+                                f"{rows[:8]}...). The last good checkpoint is kept in {run.run_dir / 'checkpoints'}. "
+                                f"Lower training.learning_rate, check the data, or use training.precision: fp32.")
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and training.max_grad_norm:
+                            metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm))
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    state["micro_batch"] += 1
+                    step_tokens += int(batch.attention_mask.sum())
+                    step_metrics.append({"loss": float(loss.detach()), **metrics})
+                state["step"] += 1
+                state["tokens"] += step_tokens
+                elapsed = time.time() - step_started
+                state["seconds"] += elapsed
+                last_metrics = {k: sum(m.get(k, 0.0) for m in step_metrics) / len(step_metrics) for k in step_metrics[-1]}
+                last_metrics.update(learning_rate=scheduler.get_last_lr()[0], tokens_per_second=step_tokens / max(elapsed, 1e-9))
+                if state["step"] % recipe.logging.every == 0 or state["step"] == steps:
+                    log.log(state["step"], last_metrics)
+                progress.update(task, completed=state["step"], loss=last_metrics["loss"],
+                                accuracy=last_metrics.get("rewards/accuracies", float("nan")),
+                                tokens_per_second=last_metrics["tokens_per_second"])
+                if training.eval_every and state["step"] % training.eval_every == 0 and state["step"] < steps:
+                    log.log(state["step"], evaluate_pairs(model, _reference_for(reference, "eval"), objective, run.eval_data,
+                                                          run.tokenizer.pad_token_id, training.batch_size,
+                                                          accelerator.device, training.fused_logprobs), prefix="eval")
+                every = recipe.checkpointing.every
+                if (every and state["step"] % every == 0) or state["step"] == steps:
+                    save_checkpoint(accelerator, run.run_dir, state["step"], state, recipe.checkpointing.keep_last)
+                if on_step_end is not None:
+                    on_step_end(state["step"])
+                if stop.signal_number is not None:
+                    saved = save_checkpoint(accelerator, run.run_dir, state["step"], state, recipe.checkpointing.keep_last)
+                    raise Interrupted(state["step"], stop.signal_number, saved)
+    finally:
+        stop.restore()
+        log.close()
+
+    after = _measure(run, model, objective, reference)
+    log.log(state["step"], {k: v for k, v in after.items() if isinstance(v, (int, float))}, prefix="eval")
+    final_dir = run.save_final_model(model) if recipe.output.save_final_model else None
+    summary = {
+        "recipe": str(recipe_path) if recipe_path else None,
+        "method": recipe.method.name,
+        "losses": [term.model_dump() for term in recipe.method.losses],
+        "model": recipe.model.name,
+        "steps": state["step"],
+        "train_rows": len(run.train_data),
+        "eval_rows": len(run.eval_data),
+        "data_report": run.data_report,
+        "train_tokens": state["tokens"],
+        "train_seconds": round(state["seconds"], 2),
+        "tokens_per_second": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
+        "wall_seconds_this_process": round(time.time() - started, 2),
+        **reference_info,
+        "final_train_metrics": last_metrics,
+        "before": before,
+        "after": after,
+        "final_model_dir": str(final_dir) if final_dir else None,
+    }
+    if accelerator.is_main_process:
+        write_json_atomic(run.run_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,1 @@
+"""Accelerate launch configurations (DDP, FSDP2, DeepSpeed ZeRO) shipped with align."""
