@@ -5,38 +5,34 @@ from __future__ import annotations
 import torch
 
 from . import tasks
-from .data.batching import collate_pairs
+from .data.batching import collate_groups
 from .generation import SamplingSettings, generate
-from .logprobs import sequence_logps
 
 
 @torch.no_grad()
 def evaluate_pairs(model, reference, objective, dataset, pad_id: int, batch_size: int, device, fused: bool) -> dict:
-    """Mean loss and metrics over held-out pairs, plus `likelihood_accuracy`: how often the policy
+    """Mean loss and metrics over held-out examples, plus `likelihood_accuracy`: how often the policy
     itself gives the chosen answer a higher per-token log-prob than the rejected one (meaningful
     before training too, unlike the implicit-reward accuracy, which is a tie at step 0)."""
+    from .trainer import objective_forward
+
     was_training = model.training
     model.eval()
+    groups = list(dict.fromkeys(["chosen", "rejected", *objective.policy_groups]))
     totals: dict[str, float] = {}
-    weight = 0
+    count = 0
     for start in range(0, len(dataset), batch_size):
         examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch, extras = collate_pairs(examples, pad_id)
-        batch = batch.to(device)
-        policy = sequence_logps(model, batch, fused=fused)
-        half = len(examples)
-        tensors = {"policy_chosen": policy.sums[:half], "policy_rejected": policy.sums[half:],
-                   "chosen_lengths": policy.token_counts[:half], "rejected_lengths": policy.token_counts[half:]}
-        if objective.needs_reference:
-            tensors.update(reference(batch, extras))
-        loss, metrics = objective(tensors)
-        per_token = tensors["policy_chosen"] / tensors["chosen_lengths"] > tensors["policy_rejected"] / tensors["rejected_lengths"]
+        batch = collate_groups(examples, groups, pad_id).to(device)
+        loss, metrics, tensors = objective_forward(model, batch, objective, reference, fused)
+        per_token = (tensors["policy_chosen"] / tensors["chosen_lengths"]
+                     > tensors["policy_rejected"] / tensors["rejected_lengths"])
         metrics = {"loss": float(loss), **metrics, "likelihood_accuracy": float(per_token.float().mean())}
         for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + value * half
-        weight += half
+            totals[name] = totals.get(name, 0.0) + value * len(examples)
+        count += len(examples)
     model.train(was_training)
-    return {name: value / weight for name, value in totals.items()}
+    return {name: value / count for name, value in totals.items()}
 
 
 def task_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int,

@@ -1,4 +1,4 @@
-"""A recipe's weighted sum of loss terms, and what tensors it needs."""
+"""A recipe's weighted sum of loss terms, and which sequence groups it needs computed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,19 @@ from dataclasses import dataclass
 import torch
 
 from .config import LossTerm
+from .data.batching import GROUP_COLUMNS
 from .losses import LOSSES, tensor_inputs
+
+
+def used_inputs(function, params: dict) -> dict[str, bool]:
+    """Tensor inputs a loss uses with these hyperparameters. A loss may declare `uses(params)` to
+    name the optional inputs it skips (TPO with alpha=0 needs no gold forward)."""
+    inputs = tensor_inputs(function)
+    uses = getattr(function, "uses", None)
+    if uses is None:
+        return inputs
+    wanted = uses(params)
+    return {name: required for name, required in inputs.items() if required or name in wanted}
 
 
 @dataclass(frozen=True)
@@ -25,11 +37,29 @@ class Term:
         return LOSSES[self.name](**arguments, **self.params)
 
 
+def _group_of(tensor_name: str) -> tuple[str, str] | None:
+    """`policy_chosen` -> ('policy', 'chosen'); `gold_lengths` -> ('lengths', 'gold'); else None."""
+    for prefix in ("policy_", "ref_"):
+        if tensor_name.startswith(prefix) and tensor_name[len(prefix):] in GROUP_COLUMNS:
+            return prefix[:-1], tensor_name[len(prefix):]
+    if tensor_name.endswith("_lengths") and tensor_name[: -len("_lengths")] in GROUP_COLUMNS:
+        return "lengths", tensor_name[: -len("_lengths")]
+    return None
+
+
 class Objective:
     """`loss = sum_i weight_i * mean(loss_i)`; metrics of every term, plus each term's mean loss."""
 
     def __init__(self, terms: list[LossTerm]):
-        self.terms = [Term(t.name, t.weight, t.params, tensor_inputs(LOSSES[t.name])) for t in terms]
+        self.terms = [Term(t.name, t.weight, t.params, used_inputs(LOSSES[t.name], t.params)) for t in terms]
+        found = [g for name in self.inputs if (g := _group_of(name))]
+        order = list(GROUP_COLUMNS)
+        self.policy_groups = sorted({g for kind, g in found if kind in ("policy", "lengths")}, key=order.index)
+        self.reference_groups = sorted({g for kind, g in found if kind == "ref"}, key=order.index)
+        # The reference scores the same sequences as the policy, in the same forward layout.
+        extra = set(self.reference_groups) - set(self.policy_groups)
+        if extra:
+            self.policy_groups = sorted(set(self.policy_groups) | extra, key=order.index)
 
     @property
     def inputs(self) -> set[str]:
@@ -37,7 +67,7 @@ class Objective:
 
     @property
     def needs_reference(self) -> bool:
-        return any(name.startswith("ref_") for name in self.inputs)
+        return bool(self.reference_groups)
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         total = 0.0

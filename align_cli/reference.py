@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data.batching import SequenceBatch, collate_pairs
+from .data.batching import GroupedBatch, collate_groups
 from .logprobs import sequence_logps
 from .paths import cache_root
 
@@ -37,39 +37,37 @@ def cache_key(identity: dict, data_fingerprint: str, settings: dict) -> str:
 class LiveReference:
     """Runs the reference model (or the adapter-disabled policy) without autograd on each batch."""
 
-    def __init__(self, model, context_factory, fused: bool):
-        self.model, self.context_factory, self.fused = model, context_factory, fused
+    def __init__(self, model, context_factory, fused: bool, groups: list[str]):
+        self.model, self.context_factory, self.fused, self.groups = model, context_factory, fused, groups
 
     @torch.no_grad()
-    def __call__(self, batch: SequenceBatch, extras: dict) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: GroupedBatch) -> dict[str, torch.Tensor]:
         with self.context_factory():
-            sums = sequence_logps(self.model, batch, fused=self.fused).sums
-        half = batch.num_sequences // 2
-        return {"ref_chosen": sums[:half], "ref_rejected": sums[half:]}
+            sums = sequence_logps(self.model, batch.sequences, fused=self.fused).sums
+        return {f"ref_{name}": sums[batch.groups[name]] for name in self.groups}
 
 
 class CachedReference:
-    """Looks reference log-probs up by row index."""
+    """Looks reference log-probs up by row index, one tensor per sequence group."""
 
-    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor):
-        self.chosen, self.rejected = chosen, rejected
+    def __init__(self, table: dict[str, torch.Tensor]):
+        self.table = table
 
-    def __call__(self, batch: SequenceBatch, extras: dict) -> dict[str, torch.Tensor]:
-        rows = extras["row_index"].cpu()
-        device = batch.input_ids.device
-        return {"ref_chosen": self.chosen[rows].to(device), "ref_rejected": self.rejected[rows].to(device)}
+    def __call__(self, batch: GroupedBatch) -> dict[str, torch.Tensor]:
+        device = batch.sequences.input_ids.device
+        return {f"ref_{name}": values[batch.row_index].to(device) for name, values in self.table.items()}
 
 
 @torch.no_grad()
 def compute_rows(live: LiveReference, dataset, rows: list[int], pad_id: int, batch_size: int, device,
-                 chosen: torch.Tensor, rejected: torch.Tensor) -> None:
-    """Fill `chosen[r]`, `rejected[r]` with reference log-probs for each row index `r` in `rows`."""
+                 table: dict[str, torch.Tensor]) -> None:
+    """Fill `table[group][r]` with reference log-probs for each row index `r` in `rows`."""
     for start in range(0, len(rows), batch_size):
         examples = [dataset[i] for i in rows[start: start + batch_size]]
-        batch, extras = collate_pairs(examples, pad_id)
-        result = live(batch.to(device), extras)
-        chosen[extras["row_index"]] = result["ref_chosen"].float().cpu()
-        rejected[extras["row_index"]] = result["ref_rejected"].float().cpu()
+        batch = collate_groups(examples, live.groups, pad_id)
+        result = live(batch.to(device))
+        for name in live.groups:
+            table[name][batch.row_index] = result[f"ref_{name}"].float().cpu()
 
 
 def cached_or_computed(live: LiveReference, dataset, rows: list[int], pad_id: int, batch_size: int, device,
@@ -80,18 +78,15 @@ def cached_or_computed(live: LiveReference, dataset, rows: list[int], pad_id: in
     Returns the provider and how many rows were computed now."""
     folder = Path(cache_dir).expanduser() if cache_dir else cache_root() / "reference_logps"
     path = folder / f"{key}.pt"
-    if path.exists():
-        stored = torch.load(path, map_location="cpu")
-        chosen, rejected = stored["chosen"], stored["rejected"]
-    else:
-        chosen = torch.full((len(dataset),), float("nan"))
-        rejected = torch.full((len(dataset),), float("nan"))
-    missing = [row for row in rows if torch.isnan(chosen[row])]
+    table = torch.load(path, map_location="cpu")["groups"] if path.exists() else {}
+    for name in live.groups:
+        table.setdefault(name, torch.full((len(dataset),), float("nan")))
+    missing = [row for row in rows if any(torch.isnan(table[name][row]) for name in live.groups)]
     if missing:
-        compute_rows(live, dataset, missing, pad_id, batch_size, device, chosen, rejected)
+        compute_rows(live, dataset, missing, pad_id, batch_size, device, table)
         if is_main:
             folder.mkdir(parents=True, exist_ok=True)
             staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            torch.save({"chosen": chosen, "rejected": rejected, "key": key}, staging)
+            torch.save({"groups": table, "key": key}, staging)
             os.replace(staging, path)
-    return CachedReference(chosen, rejected), len(missing)
+    return CachedReference({name: table[name] for name in live.groups}), len(missing)

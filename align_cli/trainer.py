@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from .config import Recipe
-from .data.batching import DataOrder, collate_pairs
+from .data.batching import DataOrder, GroupedBatch, collate_groups
 from .errors import UserError
 from .evaluation import evaluate_pairs, task_accuracy
 from .logprobs import sequence_logps
@@ -75,7 +75,8 @@ def build_reference(run: RunInputs, objective: Objective, train_rows: list[int])
     if not objective.needs_reference:
         return None, {}
     recipe, accelerator = run.recipe, run.accelerator
-    live = LiveReference(run.reference_model, run.reference_context, recipe.training.fused_logprobs)
+    live = LiveReference(run.reference_model, run.reference_context, recipe.training.fused_logprobs,
+                         objective.reference_groups)
     if not recipe.reference.precompute:
         return live, {"reference": "live"}
     providers, computed = {}, {}
@@ -89,15 +90,15 @@ def build_reference(run: RunInputs, objective: Objective, train_rows: list[int])
     return providers, {"reference": "cached", "reference_rows_computed": computed}
 
 
-def pair_forward(model, batch, extras, objective: Objective, reference, fused: bool):
-    policy = sequence_logps(model, batch, fused=fused)
-    half = batch.num_sequences // 2
-    tensors = {"policy_chosen": policy.sums[:half], "policy_rejected": policy.sums[half:],
-               "chosen_lengths": extras["chosen_lengths"].to(policy.sums.device),
-               "rejected_lengths": extras["rejected_lengths"].to(policy.sums.device)}
+def objective_forward(model, batch: GroupedBatch, objective: Objective, reference, fused: bool):
+    """One forward of the policy over every group the objective needs, then the loss."""
+    policy = sequence_logps(model, batch.sequences, fused=fused)
+    tensors = {f"policy_{name}": policy.sums[positions] for name, positions in batch.groups.items()}
+    tensors.update({f"{name}_lengths": lengths for name, lengths in batch.lengths.items()})
     if reference is not None:
-        tensors.update(reference(batch, extras))
-    return objective(tensors)
+        tensors.update(reference(batch))
+    loss, metrics = objective(tensors)
+    return loss, metrics, tensors
 
 
 def _reference_for(reference, split: str):
@@ -173,11 +174,11 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
                 step_tokens, step_metrics = 0, []
                 for _ in range(training.gradient_accumulation_steps):
                     rows = order.batch(state["micro_batch"])
-                    batch, extras = collate_pairs([run.train_data[i] for i in rows], run.tokenizer.pad_token_id)
-                    batch = batch.to(accelerator.device)
+                    batch = collate_groups([run.train_data[i] for i in rows], objective.policy_groups,
+                                           run.tokenizer.pad_token_id).to(accelerator.device)
                     with accelerator.accumulate(model):
-                        loss, metrics = pair_forward(model, batch, extras, objective, train_reference,
-                                                     training.fused_logprobs)
+                        loss, metrics, _ = objective_forward(model, batch, objective, train_reference,
+                                                             training.fused_logprobs)
                         if not torch.isfinite(loss):
                             raise TrainingDiverged(
                                 f"The loss became {float(loss)} at step {state['step'] + 1} (micro-batch rows "
@@ -190,7 +191,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
                     state["micro_batch"] += 1
-                    step_tokens += int(batch.attention_mask.sum())
+                    step_tokens += int(batch.sequences.attention_mask.sum())
                     step_metrics.append({"loss": float(loss.detach()), **metrics})
                 state["step"] += 1
                 state["tokens"] += step_tokens

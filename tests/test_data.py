@@ -45,12 +45,14 @@ def test_string_format_is_raw_text_with_eos(tokenizer):
 def test_targets_cover_exactly_the_completion_tokens(tokenizer):
     data, _ = tokenise([{"prompt": USER, "chosen": [{"role": "assistant", "content": "four"}],
                          "rejected": [{"role": "assistant", "content": "it is five"}]}], tokenizer)
-    batch, extras = collate_pairs([data[0]], tokenizer.pad_token_id)
+    grouped = collate_pairs([data[0]], tokenizer.pad_token_id)
+    batch = grouped.sequences
     for row, completion in enumerate((data[0]["chosen_ids"], data[0]["rejected_ids"])):
         trained = batch.targets[row][batch.targets[row] != IGNORE].tolist()
         assert trained == completion
         assert set(batch.sequence_index[row][batch.targets[row] != IGNORE].tolist()) == {row}
-    assert extras["chosen_lengths"].tolist() == [len(data[0]["chosen_ids"])]
+    assert grouped.groups == {"chosen": slice(0, 1), "rejected": slice(1, 2)}
+    assert grouped.lengths["chosen"].tolist() == [len(data[0]["chosen_ids"])]
 
 
 def test_truncation_policy(tokenizer):
@@ -107,3 +109,13 @@ def test_data_order_is_a_pure_function_and_ranks_are_disjoint():
     ranks = [DataOrder(20, 3, 5, world_size=2, rank=r).batch(1) for r in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1])
     assert order.batch(order.batches_per_epoch) != order.batch(0), "each epoch is a new permutation"
+
+
+def test_objective_asks_for_the_groups_its_losses_take():
+    from align_cli.config import LossTerm
+    from align_cli.objective import Objective
+
+    dpo = Objective([LossTerm(name="dpo"), LossTerm(name="sft", weight=0.5)])
+    assert dpo.policy_groups == ["chosen", "rejected"] and dpo.reference_groups == ["chosen", "rejected"]
+    tpo = Objective([LossTerm(name="tpo", alpha=1.0)])
+    assert tpo.policy_groups == ["chosen", "rejected", "gold"] and not tpo.needs_reference

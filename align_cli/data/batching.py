@@ -52,17 +52,49 @@ def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id
     return SequenceBatch(input_ids, attention, targets, sequence_index, rows)
 
 
-def collate_pairs(examples: list[dict], pad_id: int) -> tuple[SequenceBatch, dict[str, torch.Tensor]]:
-    """Chosen sequences first (0..B-1), rejected after (B..2B-1), in one batch for one forward."""
-    prompts = [e["prompt_ids"] for e in examples] * 2
-    completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-    batch = pad_sequences(prompts, completions, pad_id)
-    extras = {
-        "row_index": torch.tensor([e["row_index"] for e in examples], dtype=torch.long),
-        "chosen_lengths": torch.tensor([len(e["chosen_ids"]) for e in examples], dtype=torch.float32),
-        "rejected_lengths": torch.tensor([len(e["rejected_ids"]) for e in examples], dtype=torch.float32),
-    }
-    return batch, extras
+# Which tokenised columns form each named sequence group: (prompt column, completion column).
+# A loss input `policy_X` / `ref_X` / `X_lengths` asks for group X. Methods add groups here
+# (TPO's gold answer, SRPO's revision prompts) and the trainer core stays unchanged.
+GROUP_COLUMNS: dict[str, tuple[str, str]] = {
+    "chosen": ("prompt_ids", "chosen_ids"),
+    "rejected": ("prompt_ids", "rejected_ids"),
+    "gold": ("prompt_ids", "gold_ids"),
+}
+
+
+@dataclass
+class GroupedBatch:
+    """Sequences of several named groups in one `SequenceBatch`, so one forward serves them all."""
+
+    sequences: SequenceBatch
+    groups: dict[str, slice]        # group name -> its sequences' positions
+    lengths: dict[str, torch.Tensor]  # group name -> completion tokens per example
+    row_index: torch.Tensor
+
+    def to(self, device) -> "GroupedBatch":
+        return GroupedBatch(self.sequences.to(device), self.groups,
+                            {k: v.to(device) for k, v in self.lengths.items()}, self.row_index)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.row_index)
+
+
+def collate_groups(examples: list[dict], names: list[str], pad_id: int) -> GroupedBatch:
+    """The sequences of groups `names` for each example, group after group, in one padded batch."""
+    prompts, completions, groups, lengths = [], [], {}, {}
+    for name in names:
+        prompt_column, completion_column = GROUP_COLUMNS[name]
+        groups[name] = slice(len(prompts), len(prompts) + len(examples))
+        prompts += [e[prompt_column] for e in examples]
+        completions += [e[completion_column] for e in examples]
+        lengths[name] = torch.tensor([len(e[completion_column]) for e in examples], dtype=torch.float32)
+    row_index = torch.tensor([e["row_index"] for e in examples], dtype=torch.long)
+    return GroupedBatch(pad_sequences(prompts, completions, pad_id), groups, lengths, row_index)
+
+
+def collate_pairs(examples: list[dict], pad_id: int) -> GroupedBatch:
+    return collate_groups(examples, ["chosen", "rejected"], pad_id)
 
 
 @dataclass(frozen=True)
