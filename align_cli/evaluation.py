@@ -41,7 +41,7 @@ def task_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, batch
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
     answers = [samples[0] for samples in generate(model, tokenizer, [r["prompt"] for r in rows], settings, system_prompt)]
     correct = [tasks.is_correct(text, row["answer"]) for text, row in zip(answers, rows)]
-    lenient = [tasks.extract_number(text) == int(row["answer"]) for text, row in zip(answers, rows)]
+    lenient = [tasks.is_correct_lenient(text, row["answer"]) for text, row in zip(answers, rows)]
     return {
         "task_accuracy": sum(correct) / len(rows),
         "answer_accuracy_lenient": sum(lenient) / len(rows),

@@ -83,6 +83,9 @@ def cached_or_computed(live: LiveReference, dataset, rows: list[int], pad_id: in
         table.setdefault(name, torch.full((len(dataset),), float("nan")))
     missing = [row for row in rows if any(torch.isnan(table[name][row]) for name in live.groups)]
     if missing:
+        if is_main:
+            print(f"Reference log-probs: computing {len(missing)} of {len(rows)} rows once "
+                  f"(cached in {path} for later runs).", flush=True)
         compute_rows(live, dataset, missing, pad_id, batch_size, device, table)
         if is_main:
             folder.mkdir(parents=True, exist_ok=True)

@@ -154,6 +154,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
 
         before = json.loads(before_path.read_text())
     else:
+        accelerator.print("Measuring the starting model on held-out data...")
         before = _measure(run, model, objective, reference)
         if accelerator.is_main_process:
             write_json_atomic(before_path, before)
@@ -220,6 +221,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
         stop.restore()
         log.close()
 
+    accelerator.print("Measuring the trained model on held-out data...")
     after = _measure(run, model, objective, reference)
     log.log(state["step"], {k: v for k, v in after.items() if isinstance(v, (int, float))}, prefix="eval")
     final_dir = run.save_final_model(model) if recipe.output.save_final_model else None

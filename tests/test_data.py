@@ -92,7 +92,7 @@ def test_local_files_load(tmp_path, suffix):
 
 def test_builtin_sets_and_missing_sources():
     assert {"arithmetic_pairs", "arithmetic_rated", "arithmetic_prompts"} <= set(builtin_datasets())
-    assert len(load_source("builtin:arithmetic_pairs", "test")) == 200
+    assert len(load_source("builtin:arithmetic_pairs", "test")) == 100
     with pytest.raises(UserError, match="Unknown builtin dataset"):
         load_source("builtin:nope")
     with pytest.raises(UserError, match="does not exist"):
