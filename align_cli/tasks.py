@@ -97,14 +97,19 @@ def wrong_answer(problem: Problem, rng: random.Random) -> int:
     return rng.choice(sorted(candidates))
 
 
+_OPERATION_NAMES = {"+": "addition", "-": "subtraction", "*": "multiplication"}
+
+
 def responses(problem: Problem, rng: random.Random) -> list[tuple[str, float]]:
-    """Four responses to a problem with ratings: the correct bare equation is best."""
+    """Four responses to a problem with ratings: the correct bare equation is best. The wordy ones
+    imitate the embedded model's own failure: the right equation, then more text."""
     wrong = wrong_answer(problem, rng)
+    chatter = f"\n\nThis is a simple {_OPERATION_NAMES[problem.op]} problem."
     return [
-        (problem.target, 10.0),                                                        # right, right format
-        (f"To solve this, we compute {problem.expression}. The answer is {problem.answer}.", 6.0),  # right, wordy
-        (f"{problem.expression} = {wrong}", 3.0),                                      # wrong result
-        (f"To solve this, we compute {problem.expression}. The answer is {wrong}.", 1.0),  # wrong and wordy
+        (problem.target, 10.0),                                 # right, right format
+        (problem.target + chatter, 6.0),                        # right, keeps talking
+        (f"{problem.expression} = {wrong}", 3.0),               # wrong result
+        (f"{problem.expression} = {wrong}" + chatter, 1.0),     # wrong and keeps talking
     ]
 
 
