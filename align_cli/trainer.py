@@ -101,6 +101,15 @@ def objective_forward(model, batch: GroupedBatch, objective: Objective, referenc
     return loss, metrics, tensors
 
 
+def _mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Each process logs the same numbers: the mean over all processes' micro-batches."""
+    if accelerator.num_processes == 1:
+        return metrics
+    names = sorted(metrics)
+    values = accelerator.reduce(torch.tensor([metrics[n] for n in names], device=accelerator.device), "mean")
+    return dict(zip(names, values.tolist()))
+
+
 def _reference_for(reference, split: str):
     return reference[split] if isinstance(reference, dict) else reference
 
@@ -195,10 +204,12 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
                     step_tokens += int(batch.sequences.attention_mask.sum())
                     step_metrics.append({"loss": float(loss.detach()), **metrics})
                 state["step"] += 1
+                step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
                 state["tokens"] += step_tokens
                 elapsed = time.time() - step_started
                 state["seconds"] += elapsed
-                last_metrics = {k: sum(m.get(k, 0.0) for m in step_metrics) / len(step_metrics) for k in step_metrics[-1]}
+                last_metrics = _mean_over_processes(accelerator, {
+                    k: sum(m.get(k, 0.0) for m in step_metrics) / len(step_metrics) for k in step_metrics[-1]})
                 last_metrics.update(learning_rate=scheduler.get_last_lr()[0], tokens_per_second=step_tokens / max(elapsed, 1e-9))
                 if state["step"] % recipe.logging.every == 0 or state["step"] == steps:
                     log.log(state["step"], last_metrics)

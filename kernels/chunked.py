@@ -138,7 +138,13 @@ def chunked_linear_logprobs(
     hidden, weight, labels, bias=None, *, with_entropy=False, temperature=1.0,
     token_chunk=TOKEN_CHUNK, vocab_chunk=VOCAB_CHUNK,
 ):
-    """Torch path for valid labels only; see `align_cli.kernels.linear_logprobs` for the contract."""
+    """Torch path for valid labels only; see `align_cli.kernels.linear_logprobs` for the contract.
+
+    The tile budget is `token_chunk * vocab_chunk` elements: with fewer tokens than `token_chunk`
+    (a CPU micro-batch of short completions) the vocabulary chunk widens to fill it, which keeps the
+    same memory bound and saves the per-chunk overhead that otherwise dominates on small inputs."""
+    rows_per_tile = max(1, min(labels.numel(), token_chunk))
+    vocab_chunk = max(vocab_chunk, (token_chunk * vocab_chunk) // rows_per_tile)
     return ChunkedLinearLogprobs.apply(
         hidden, weight, bias, labels, with_entropy, float(temperature), token_chunk, vocab_chunk
     )
