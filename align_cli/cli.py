@@ -107,6 +107,41 @@ def env():
         typer.echo(f"{key:22s} {value}")
 
 
+@app.command()
+def generate(
+    model: str = typer.Option(..., "--model", help="builtin:NAME, a model directory (e.g. runs/srpo/final_model) or a hub id."),
+    prompts: str = typer.Option(..., "--prompts", help="builtin:NAME or a .jsonl/.json/.parquet/.csv file with a `prompt` "
+                                                       "column (string or chat messages); an `answer` column is checked."),
+    output: str = typer.Option(..., "--output", help="JSONL file: one line per prompt with every revision y_0..y_K."),
+    revisions: int = typer.Option(0, "--revisions", min=0, help="Self-revisions K: y_{k+1} answers the revision prompt showing y_k."),
+    split: str = typer.Option("test", "--split", help="Split of --prompts."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", min=1, help="Use only the first N prompts."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Generation budget per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (with --temperature > 0)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per generation batch."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Take the SRPO templates and system prompt from this recipe "
+                                                                "(default: the recipe.yaml of the model's run directory)."),
+):
+    """Answer prompts with a model, optionally revising each answer K times (SRPO self-revision)."""
+    import json
+
+    from .generation import SamplingSettings
+    from .srpo import generate_to_file
+
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                batch_size=batch_size)
+    summary = generate_to_file(model, prompts, split, output, revisions, settings, num_prompts, recipe)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+# `align eval` (and `align eval metrics`) is a sub-app of its own package.
+from .eval.cli import eval_app  # noqa: E402
+
+app.add_typer(eval_app, name="eval")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
