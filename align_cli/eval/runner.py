@@ -121,6 +121,8 @@ def run_evaluation(settings: EvalSettings) -> dict:
     references = _references(settings, rows)
     difficulty = load_difficulty(settings.difficulty) if settings.difficulty else None
     judge = make_judge(settings.judge)  # before generating: a bad judge option fails in seconds, not after hours
+    if hasattr(judge, "check"):
+        judge.check(rows)
 
     model_location = resolve_model_dir(settings.model)
     name = settings.name or default_name(model_location, settings.revisions)

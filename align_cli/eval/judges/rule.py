@@ -18,14 +18,19 @@ def rule_preference(model_correct: bool, reference_correct: bool) -> float:
 class RuleJudge:
     name = "rule"
 
+    def check(self, rows: list[dict]) -> None:
+        """Every row needs its verifiable `answer`; checked before any answer is generated."""
+        for row in rows:
+            if row.get("answer") is None:
+                raise UserError(f"The rule judge needs a verifiable answer per instruction; "
+                                f"{row['instruction'][:70]!r} has none. Use a shipped set (builtin:arithmetic_prompts) "
+                                f"or instruction rows with an `answer` field.")
+
     def judge(self, pairs: list[dict]) -> list[dict]:
         """Each pair needs `answer` (the verifiable solution), `output_1` (reference), `output_2` (model)."""
+        self.check(pairs)
         judgments = []
         for pair in pairs:
-            if pair.get("answer") is None:
-                raise UserError(f"The rule judge needs a verifiable answer per instruction; "
-                                f"{pair['instruction'][:70]!r} has none. Use a shipped set (builtin:arithmetic_prompts) "
-                                f"or instruction rows with an `answer` field.")
             model_correct = tasks.is_correct(pair["output_2"], pair["answer"])
             reference_correct = tasks.is_correct(pair["output_1"], pair["answer"])
             judgments.append({"preference": rule_preference(model_correct, reference_correct),
