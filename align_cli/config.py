@@ -41,13 +41,29 @@ class ColumnMap(Section):
     prompt: str = Field("prompt", description="Column holding the prompt (string or chat messages).")
     chosen: str = Field("chosen", description="Column holding the preferred completion.")
     rejected: str = Field("rejected", description="Column holding the dispreferred completion.")
+    gold: str = Field("gold", description="Column holding the gold (reference) response of triple data (TPO); "
+                                          "read only when a loss needs it.")
+    preference_probability: str = Field(
+        "preference_probability", description="Column holding P(chosen beats rejected) in [0, 1], used as a soft label "
+                                              "by losses that take one (SRPO); optional, hard labels without it.")
+    completions: str = Field("completions", description="`format: rated_to_triples`: column holding the list of rated "
+                                                        "responses (UltraFeedback-style).")
+    response: str = Field("response", description="`format: rated_to_triples`: key of a response's text inside each "
+                                                  "completion.")
+    score: str = Field("score", description="`format: rated_to_triples`: key of a response's rating inside each "
+                                            "completion (UltraFeedback: `overall_score`).")
 
 
 class DataSource(Section):
     source: str = Field(..., description="`builtin:NAME`, a local .json/.jsonl/.parquet/.csv file or a saved dataset directory, or a hub dataset name.")
     split: str = Field("train", description="Split to read.")
     subset: Optional[str] = Field(None, description="Hub dataset configuration name.")
-    columns: ColumnMap = Field(default_factory=ColumnMap, description="Map the dataset's column names onto prompt/chosen/rejected.")
+    columns: ColumnMap = Field(default_factory=ColumnMap, description="Map the dataset's column names onto prompt/chosen/rejected (and gold).")
+    format: Literal["preference", "rated_to_triples"] = Field(
+        "preference", description="`preference`: rows are prompt/chosen/rejected (plus gold for triples) after `columns`. "
+                                  "`rated_to_triples`: rows are a prompt with several rated responses (`completions` of "
+                                  "{response, score}); each becomes a triple: highest score = gold, second = chosen, "
+                                  "lowest = rejected (rows with fewer than 3 responses or no score gap are dropped).")
     max_rows: Optional[int] = Field(None, ge=1, description="Use only the first N rows (after shuffling when `shuffle`).")
 
 
@@ -80,10 +96,54 @@ class LossTerm(BaseModel):
         return dict(self.model_extra or {})
 
 
+DEFAULT_REVISION_TEMPLATE = ("{prompt}\n\nHere is an example answer:\n{example}\n\n"
+                             "Write an improved answer. Reply with the answer only.")
+
+
+class SrpoConfig(Section):
+    """SRPO's two prompt templates (used identically in training, reference scoring and inference) and revisions."""
+
+    generate_template: str = Field(
+        "{prompt}", description="Prompt of the generative policy pi(y|x); `{prompt}` is the user's prompt (for chat "
+                                "data, the last user message). The default leaves the prompt unchanged.")
+    revision_template: str = Field(
+        DEFAULT_REVISION_TEMPLATE,
+        description="Prompt of the self-improvement policy pi(y'|x, y): `{prompt}` as above, `{example}` the previous "
+                    "answer to improve on. Training, reference scoring, `align generate --revisions` and the run's "
+                    "revision evaluation all render it the same way.")
+    min_example_tokens: int = Field(
+        32, ge=1, description="Truncation: a revision sequence too long for data.max_length first loses the end of its "
+                              "example answer, down to this many tokens (never the whole example), then the end of its "
+                              "completion; both counted in a warning.")
+    revisions: int = Field(
+        2, ge=0, description="Self-revisions y_1..y_K evaluated before and after training on the evaluation task "
+                             "(greedy): the summary reports each revision's accuracy and how often it beats y_0.")
+
+    @model_validator(mode="after")
+    def _check_placeholders(self) -> "SrpoConfig":
+        if "{prompt}" not in self.generate_template:
+            raise ValueError("method.srpo.generate_template must contain {prompt}")
+        if "{prompt}" not in self.revision_template or "{example}" not in self.revision_template:
+            raise ValueError("method.srpo.revision_template must contain {prompt} and {example}")
+        return self
+
+
 class MethodConfig(Section):
-    name: Literal["dpo"] = Field("dpo", description="Training method: `dpo` (offline pairwise trainer, any pairwise loss).")
+    name: Literal["dpo", "tpo", "srpo"] = Field(
+        "dpo", description="Training method; all three run the same offline pairwise trainer. `dpo`: any pairwise loss "
+                           "(dpo, ipo, fdpo, ...). `tpo`: triple data (gold, chosen, rejected), reference-free. `srpo`: "
+                           "pairs plus self-revision sequences, and revision evaluation. Without `losses`, the loss of "
+                           "the same name is used.")
     losses: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="dpo")],
                                    description="Loss terms: `- {name: dpo, weight: 1.0, beta: 0.1}`; the loss is sum_i weight_i * mean(loss_i).")
+    srpo: SrpoConfig = Field(default_factory=SrpoConfig, description="SRPO's prompt templates and revision evaluation.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_loss_of_method(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "losses" not in data and data.get("name") in ("tpo", "srpo"):
+            return {**data, "losses": [{"name": data["name"]}]}
+        return data
 
 
 class TrainingConfig(Section):

@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import list_checkpoints
 from .config import DataSource, Recipe
-from .data.preference import TokenisationSettings, apply_column_mapping, tokenise_preferences
+from .data.preference import TokenisationSettings, normalise_rows, tokenise_preferences
 from .data.sources import load_source
 from .errors import UserError
 from .models import apply_lora, freeze, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_location, unwrap
@@ -87,7 +87,7 @@ def make_accelerator(recipe: Recipe):
 
 def load_preference_split(source: DataSource, tokenizer, settings: TokenisationSettings, num_proc):
     dataset = load_source(source.source, source.split, source.subset)
-    dataset = apply_column_mapping(dataset, source.columns.model_dump(), source.source)
+    dataset = normalise_rows(dataset, source)  # column mapping, or rated responses -> triples
     if source.max_rows:
         dataset = dataset.select(range(min(source.max_rows, len(dataset))))
     return dataset
@@ -129,7 +129,8 @@ def load_task_rows(recipe: Recipe) -> list[dict]:
 
 
 def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None, resume: bool, overwrite: bool,
-                needs_reference: bool = True) -> RunInputs:
+                needs_reference: bool = True, groups: list[str] | None = None) -> RunInputs:
+    """`groups`: the sequence groups the losses need (Objective.policy_groups); only their columns are tokenised."""
     from accelerate.utils import set_seed
 
     if recipe.training.threads:
@@ -139,8 +140,7 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
     accelerator = make_accelerator(recipe)
     set_seed(recipe.training.seed)
     tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template)
-    settings = TokenisationSettings(recipe.data.max_length, recipe.data.max_prompt_length,
-                                    recipe.data.prompt_truncation, recipe.data.system_prompt)
+    settings = TokenisationSettings.from_recipe(recipe, groups or ("chosen", "rejected"))
     with accelerator.main_process_first():
         train_data, eval_data, report = load_data(recipe, tokenizer, settings)
     dtype = resolve_dtype(recipe.model.dtype)

@@ -95,6 +95,7 @@ def objective_forward(model, batch: GroupedBatch, objective: Objective, referenc
     policy = sequence_logps(model, batch.sequences, fused=fused)
     tensors = {f"policy_{name}": policy.sums[positions] for name, positions in batch.groups.items()}
     tensors.update({f"{name}_lengths": lengths for name, lengths in batch.lengths.items()})
+    tensors.update(batch.labels)
     if reference is not None:
         tensors.update(reference(batch))
     loss, metrics = objective(tensors)
@@ -122,6 +123,12 @@ def _measure(run: RunInputs, model, objective, reference) -> dict:
     if run.task_rows:
         results.update(task_accuracy(model, run.tokenizer, run.task_rows, recipe.evaluation.max_new_tokens,
                                      recipe.evaluation.batch_size, recipe.data.system_prompt))
+        if recipe.method.name == "srpo" and recipe.method.srpo.revisions:
+            from .srpo import Templates, revision_evaluation
+
+            results.update(revision_evaluation(model, run.tokenizer, run.task_rows, recipe.method.srpo.revisions,
+                                               Templates.from_config(recipe.method.srpo), recipe.evaluation.max_new_tokens,
+                                               recipe.evaluation.batch_size, recipe.data.system_prompt))
     return results
 
 
@@ -129,7 +136,8 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
           overwrite: bool = False, on_step_end: Callable[[int], None] | None = None) -> dict:
     """Run the recipe; return the run summary (also written to `summary.json`)."""
     objective = Objective(recipe.method.losses)
-    run = prepare_run(recipe, recipe_path, output_dir, resume, overwrite, objective.needs_reference)
+    run = prepare_run(recipe, recipe_path, output_dir, resume, overwrite, objective.needs_reference,
+                      objective.policy_groups)
     accelerator, training = run.accelerator, recipe.training
     order = DataOrder(len(run.train_data), training.batch_size, training.seed,
                       accelerator.num_processes, accelerator.process_index)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from . import register
+from . import hyperparameters, register
 from .common import preference_metrics, spread_token_mean_nll, token_counts, upcast
 
 
@@ -84,3 +84,18 @@ def tpo_l(
     loss = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - gamma)
     metrics = preference_metrics(beta, chosen_mean, rejected_mean, policy_chosen, policy_rejected)
     return _add_gold_nll(loss, metrics, policy_gold, gold_lengths, alpha)
+
+
+def _gold_inputs_used(function):
+    """`uses(params)`: the gold log-probs are needed only when alpha != 0, so the trainer skips the gold
+    sequences (tokenisation and forward) with alpha 0 (see align_cli.objective.used_inputs)."""
+    default_alpha = hyperparameters(function)["alpha"]
+
+    def uses(params: dict) -> set[str]:
+        return set() if params.get("alpha", default_alpha) == 0 else {"policy_gold", "gold_lengths"}
+
+    return uses
+
+
+tpo.uses = _gold_inputs_used(tpo)
+tpo_l.uses = _gold_inputs_used(tpo_l)

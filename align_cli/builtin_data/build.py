@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 from align_cli import tasks
+from align_cli.data.triples import rated_to_triple
 
 HERE = Path(__file__).parent
 # About 670 distinct problems exist (operands 1-20, products of 2-9): 560 to train on, 100 held out.
@@ -27,7 +28,11 @@ def main() -> None:
     for split, split_problems in splits.items():
         rng = random.Random(f"arithmetic-{split}")
         _write(f"arithmetic_pairs.{split}", [tasks.pair_row(p, rng) for p in split_problems])
-        _write(f"arithmetic_rated.{split}", [tasks.rated_row(p, rng) for p in split_problems])
+        rated = [tasks.rated_row(p, rng) for p in split_problems]
+        _write(f"arithmetic_rated.{split}", rated)
+        # TPO triples from the rated rows: highest score = gold, second = chosen, lowest = rejected.
+        _write(f"arithmetic_triples.{split}",
+               [{**rated_to_triple(row["prompt"], row["completions"]), "answer": row["answer"]} for row in rated])
         _write(f"arithmetic_prompts.{split}", [tasks.prompt_row(p) for p in split_problems])
 
 

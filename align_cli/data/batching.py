@@ -8,7 +8,7 @@ rows today, packed padding-free rows later, without the trainer changing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -59,7 +59,15 @@ GROUP_COLUMNS: dict[str, tuple[str, str]] = {
     "chosen": ("prompt_ids", "chosen_ids"),
     "rejected": ("prompt_ids", "rejected_ids"),
     "gold": ("prompt_ids", "gold_ids"),
+    # SRPO: y' | (x, y), the prompt showing y as an example to improve on (data/srpo.py)
+    "chosen_given_rejected": ("revision_prompt_rejected_ids", "chosen_ids"),
+    "rejected_given_rejected": ("revision_prompt_rejected_ids", "rejected_ids"),
+    "chosen_given_chosen": ("revision_prompt_chosen_ids", "chosen_ids"),
+    "rejected_given_chosen": ("revision_prompt_chosen_ids", "rejected_ids"),
 }
+
+# Per-example label columns handed to losses as tensors when the data has them (soft labels).
+LABEL_COLUMNS = ("preference_probability",)
 
 
 @dataclass
@@ -70,10 +78,12 @@ class GroupedBatch:
     groups: dict[str, slice]        # group name -> its sequences' positions
     lengths: dict[str, torch.Tensor]  # group name -> completion tokens per example
     row_index: torch.Tensor
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. preference_probability [B]
 
     def to(self, device) -> "GroupedBatch":
         return GroupedBatch(self.sequences.to(device), self.groups,
-                            {k: v.to(device) for k, v in self.lengths.items()}, self.row_index)
+                            {k: v.to(device) for k, v in self.lengths.items()}, self.row_index,
+                            {k: v.to(device) for k, v in self.labels.items()})
 
     @property
     def num_examples(self) -> int:
@@ -90,7 +100,9 @@ def collate_groups(examples: list[dict], names: list[str], pad_id: int) -> Group
         completions += [e[completion_column] for e in examples]
         lengths[name] = torch.tensor([len(e[completion_column]) for e in examples], dtype=torch.float32)
     row_index = torch.tensor([e["row_index"] for e in examples], dtype=torch.long)
-    return GroupedBatch(pad_sequences(prompts, completions, pad_id), groups, lengths, row_index)
+    labels = {name: torch.tensor([e[name] for e in examples], dtype=torch.float32)
+              for name in LABEL_COLUMNS if examples and name in examples[0]}
+    return GroupedBatch(pad_sequences(prompts, completions, pad_id), groups, lengths, row_index, labels)
 
 
 def collate_pairs(examples: list[dict], pad_id: int) -> GroupedBatch:

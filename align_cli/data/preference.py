@@ -11,6 +11,12 @@ Truncation policy (`data.max_length`, `data.max_prompt_length`, `data.prompt_tru
    cutting a prompt silently changes the task) or keeps its last `max_prompt_length` tokens (`keep_end`).
 2. A completion is cut on the right so that prompt + completion fits in `max_length`.
 Both are counted and reported as a warning. If no row survives, the run stops with an error.
+
+Extra sequences, tokenised only when the recipe's losses need their groups (`settings.groups`):
+- `gold` (TPO triples): `gold_ids`, the gold response after the same prompt, cut like a completion;
+- SRPO's revision groups: `revision_prompt_chosen_ids` / `revision_prompt_rejected_ids` (data/srpo.py,
+  which also explains their truncation).
+A `preference_probability` column, when present, is kept as a per-example soft label.
 """
 
 from __future__ import annotations
@@ -19,8 +25,12 @@ import os
 from dataclasses import dataclass
 
 from ..errors import UserError
+from .batching import LABEL_COLUMNS
 
 REQUIRED = ("chosen", "rejected")
+
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected", "gold", "preference_probability")
 
 
 @dataclass(frozen=True)
@@ -29,9 +39,35 @@ class TokenisationSettings:
     max_prompt_length: int
     prompt_truncation: str = "drop"
     system_prompt: str | None = None
+    groups: tuple[str, ...] = ("chosen", "rejected")   # sequence groups the losses need
+    generate_template: str | None = None              # SRPO's templates, set when its groups are needed
+    revision_template: str | None = None
+    min_example_tokens: int = 32
 
     def key(self) -> dict:
         return dict(self.__dict__)
+
+    @classmethod
+    def from_recipe(cls, recipe, groups=("chosen", "rejected")) -> "TokenisationSettings":
+        from .srpo import needs_revisions
+
+        data, srpo = recipe.data, recipe.method.srpo
+        templates = {}
+        if needs_revisions(groups):
+            templates = dict(generate_template=srpo.generate_template, revision_template=srpo.revision_template,
+                             min_example_tokens=srpo.min_example_tokens)
+        return cls(data.max_length, data.max_prompt_length, data.prompt_truncation, data.system_prompt,
+                   tuple(groups), **templates)
+
+
+def normalise_rows(dataset, source):
+    """A data source's rows -> preference rows: its column mapping, or the rated -> triples builder."""
+    if source.format == "rated_to_triples":
+        from .triples import rated_to_triples
+
+        return rated_to_triples(dataset, source.columns, source.source)
+    mapping = {name: column for name, column in source.columns.model_dump().items() if name in PAIR_COLUMNS}
+    return apply_column_mapping(dataset, mapping, source.source)
 
 
 def apply_column_mapping(dataset, mapping: dict[str, str], source: str):
@@ -79,11 +115,20 @@ def _prompt_ids(tokenizer, text: str, conversational: bool) -> list[int]:
 
 
 def tokenise_pair(row: dict, tokenizer, settings: TokenisationSettings) -> dict:
-    """One preference row -> prompt ids, chosen ids, rejected ids (truncated per the policy)."""
+    """One preference row -> prompt ids, chosen ids, rejected ids (truncated per the policy), plus the
+    extra sequences of `settings.groups` (gold ids, SRPO revision prompt ids)."""
     if "prompt" not in row or row["prompt"] is None:
         from trl.data_utils import extract_prompt
 
         row = {**row, **extract_prompt({"chosen": row["chosen"], "rejected": row["rejected"]})}
+    revisions = settings.revision_template is not None
+    if revisions:
+        from ..srpo import Templates, generation_prompt
+
+        plain_row = {**row, "prompt": generation_prompt(row["prompt"], Templates(settings.generate_template,
+                                                                                 settings.revision_template))}
+        return _with_revisions(tokenise_pair(plain_row, tokenizer, _without_revisions(settings)), row, tokenizer,
+                               settings)
     conversational = not isinstance(row["prompt"], str)
     prompt_text, chosen_text = render_prompt_and_completion(tokenizer, row["prompt"], row["chosen"], settings.system_prompt)
     _, rejected_text = render_prompt_and_completion(tokenizer, row["prompt"], row["rejected"], settings.system_prompt)
@@ -95,7 +140,7 @@ def tokenise_pair(row: dict, tokenizer, settings: TokenisationSettings) -> dict:
     chosen_ids = tokenizer(chosen_text, add_special_tokens=False)["input_ids"]
     rejected_ids = tokenizer(rejected_text, add_special_tokens=False)["input_ids"]
     keep = not (prompt_too_long and settings.prompt_truncation == "drop") and room > 0
-    return {
+    result = {
         "prompt_ids": prompt_ids,
         "chosen_ids": chosen_ids[:room],
         "rejected_ids": rejected_ids[:room],
@@ -103,6 +148,46 @@ def tokenise_pair(row: dict, tokenizer, settings: TokenisationSettings) -> dict:
         "prompt_length": len(prompt_ids),
         "completion_truncated": keep and (len(chosen_ids) > room or len(rejected_ids) > room),
     }
+    if "gold" in settings.groups:
+        _, gold_text = render_prompt_and_completion(tokenizer, row["prompt"], row["gold"], settings.system_prompt)
+        gold_ids = tokenizer(gold_text, add_special_tokens=False)["input_ids"]
+        result["gold_ids"] = gold_ids[:room]
+        result["completion_truncated"] = result["completion_truncated"] or (keep and len(gold_ids) > room)
+    for name in LABEL_COLUMNS:
+        if name in row:
+            result[name] = float(row[name])
+    return result
+
+
+def _without_revisions(settings: TokenisationSettings) -> TokenisationSettings:
+    from dataclasses import replace
+
+    return replace(settings, revision_template=None)
+
+
+def _with_revisions(plain: dict, row: dict, tokenizer, settings: TokenisationSettings) -> dict:
+    """Add SRPO's revision prompt ids to a tokenised pair; cut its completions so every group fits."""
+    from .srpo import tokenise_revision_prompts
+
+    chosen_text = render_prompt_and_completion(tokenizer, row["prompt"], row["chosen"], settings.system_prompt)[1]
+    full_chosen = tokenizer(chosen_text, add_special_tokens=False)["input_ids"]
+    full_rejected_length = len(tokenizer(render_prompt_and_completion(
+        tokenizer, row["prompt"], row["rejected"], settings.system_prompt)[1], add_special_tokens=False)["input_ids"])
+    room = settings.max_length - len(plain["prompt_ids"])
+    revision = tokenise_revision_prompts(row, room, max(len(full_chosen), full_rejected_length), tokenizer, settings,
+                                         chosen_text)
+    limit = revision["completion_limit"]
+    keep = plain["keep"] and revision["fits"]
+    cut = keep and (len(plain["chosen_ids"]) > limit or len(plain["rejected_ids"]) > limit)
+    return {**plain,
+            "chosen_ids": plain["chosen_ids"][:max(limit, 0)],
+            "rejected_ids": plain["rejected_ids"][:max(limit, 0)],
+            "revision_prompt_chosen_ids": revision["revision_prompt_chosen_ids"],
+            "revision_prompt_rejected_ids": revision["revision_prompt_rejected_ids"],
+            "keep": keep,
+            "completion_truncated": plain["completion_truncated"] or cut,
+            "examples_truncated": revision["examples_truncated"] if keep else 0,
+            "revision_dropped": plain["keep"] and not revision["fits"]}
 
 
 def default_num_proc(rows: int) -> int:
@@ -114,6 +199,10 @@ def tokenise_preferences(dataset, tokenizer, settings: TokenisationSettings, sou
     """Tokenise every row with `datasets.map` (cached on disk, parallel for large sets), apply the
     truncation policy and return `(dataset, report)`. Kept rows get `row_index` = their position in
     the returned dataset (what reference caches index by) and `source_row` = their row in the source."""
+    if "gold" in settings.groups and "gold" not in dataset.column_names:
+        raise UserError(f"Dataset '{source}' has no gold response column, which the loss needs (TPO with alpha > 0). "
+                        f"Map it with data.train.columns.gold: NAME, or build triples from rated data with "
+                        f"data.train.format: rated_to_triples (or set the loss's alpha: 0).")
     dataset = dataset.map(lambda _, index: {"source_row": index}, with_indices=True)
     try:
         tokenised = dataset.map(
@@ -129,11 +218,24 @@ def tokenise_preferences(dataset, tokenizer, settings: TokenisationSettings, sou
     dropped = len(tokenised) - sum(tokenised["keep"])
     report = {"rows": len(tokenised), "dropped_long_prompts": dropped,
               "truncated_completions": int(sum(tokenised["completion_truncated"]))}
+    bookkeeping = ["keep", "completion_truncated"]
+    if "revision_dropped" in tokenised.column_names:
+        from .srpo import warn_revision_truncation
+
+        revision_dropped = int(sum(tokenised["revision_dropped"]))
+        report.update(dropped_long_prompts=dropped - revision_dropped, dropped_long_revision_prompts=revision_dropped,
+                      truncated_examples=int(sum(tokenised["examples_truncated"])))
+        bookkeeping += ["revision_dropped", "examples_truncated"]
+        warn_revision_truncation(report, source)
+        if revision_dropped and dropped == len(tokenised):
+            raise UserError(f"Dataset '{source}': no SRPO revision prompt (prompt + example answer) leaves room for a "
+                            f"completion within data.max_length={settings.max_length}. Raise data.max_length or lower "
+                            f"method.srpo.min_example_tokens.")
     if dropped == len(tokenised):
         raise UserError(f"Dataset '{source}': every prompt is longer than data.max_prompt_length="
                         f"{settings.max_prompt_length} tokens (shortest: {min(tokenised['prompt_length'])}). "
                         f"Raise data.max_prompt_length (and data.max_length), or set data.prompt_truncation: keep_end.")
     if dropped:
         tokenised = tokenised.filter(lambda keep: keep, input_columns="keep")
-    tokenised = tokenised.remove_columns(["keep", "completion_truncated"])
+    tokenised = tokenised.remove_columns(bookkeeping)
     return tokenised.map(lambda _, index: {"row_index": index}, with_indices=True), report
