@@ -134,6 +134,15 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         )
 
 
+def single_tile_logprobs(hidden, weight, labels, bias, with_entropy: bool, temperature: float):
+    """When all logits fit in one tile's budget, plain autograd over that one fp32 tile is within
+    the memory bound and faster on CPU than recomputing it in a custom backward."""
+    log_probs = torch.log_softmax(logit_tile(hidden, weight, bias, 1.0 / temperature), dim=-1)
+    logprobs = log_probs.gather(-1, labels[:, None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    return logprobs, entropy
+
+
 def chunked_linear_logprobs(
     hidden, weight, labels, bias=None, *, with_entropy=False, temperature=1.0,
     token_chunk=TOKEN_CHUNK, vocab_chunk=VOCAB_CHUNK,
@@ -143,6 +152,8 @@ def chunked_linear_logprobs(
     The tile budget is `token_chunk * vocab_chunk` elements: with fewer tokens than `token_chunk`
     (a CPU micro-batch of short completions) the vocabulary chunk widens to fill it, which keeps the
     same memory bound and saves the per-chunk overhead that otherwise dominates on small inputs."""
+    if labels.numel() * weight.shape[0] <= token_chunk * vocab_chunk:
+        return single_tile_logprobs(hidden, weight, labels, bias, with_entropy, float(temperature))
     rows_per_tile = max(1, min(labels.numel(), token_chunk))
     vocab_chunk = max(vocab_chunk, (token_chunk * vocab_chunk) // rows_per_tile)
     return ChunkedLinearLogprobs.apply(

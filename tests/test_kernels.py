@@ -107,6 +107,13 @@ def test_torch_path_matches_float64(gen, small_chunks, dtype, with_entropy):
     check_against_reference(gen, 37, 24, 101, dtype, with_entropy=with_entropy, backend="torch")
 
 
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_single_tile_path_matches_float64(gen, with_entropy):
+    # N x V within one tile's budget: plain autograd over the one tile (the CPU fast path).
+    assert 37 * 101 <= chunked.TOKEN_CHUNK * chunked.VOCAB_CHUNK
+    check_against_reference(gen, 37, 24, 101, torch.float32, with_entropy=with_entropy, backend="torch")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_path_temperature_bias_and_ignored_rows(gen, small_chunks, dtype):
     hidden, labels = check_against_reference(gen, 45, 20, 77, dtype, with_entropy=True, temperature=0.7,
