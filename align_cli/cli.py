@@ -34,6 +34,11 @@ def train(
     output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Run directory (default: output.dir of the recipe)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output directory from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished or partial run in the output directory."),
+    accelerate_config: Optional[str] = typer.Option(
+        None, "--accelerate-config", help="Relaunch through `accelerate launch` with this config: a shipped one (ddp, fsdp2, "
+                                          "zero2, zero3, zero3_offload, multi_node; recipes/accelerate/) or a file."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", min=1,
+                                                help="With --accelerate-config: processes (GPUs) in all."),
 ):
     """Train a model as the recipe says."""
     import json
@@ -42,6 +47,13 @@ def train(
     from .trainer import Interrupted, train as run_training
 
     loaded, path = load_recipe(recipe, set_)
+    if accelerate_config:  # validated above; now the same command once per process
+        from .distributed import relaunch
+
+        argv = ["train", recipe, *[part for item in set_ for part in ("--set", item)],
+                *(["--output-dir", output_dir] if output_dir else []), *(["--resume"] if resume else []),
+                *(["--overwrite"] if overwrite else [])]
+        raise typer.Exit(relaunch(accelerate_config, num_processes, argv))
     try:
         summary = run_training(loaded, path, output_dir, resume, overwrite)
     except Interrupted as stop:

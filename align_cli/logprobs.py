@@ -2,16 +2,23 @@
 
 Only the positions that predict a completion token reach the LM head, and with the fused kernel
 (`align_cli.kernels.linear_logprobs`) the `[tokens, vocab]` logits are never materialised.
+
+The model is always called whole, through whatever wraps it (DDP, FSDP2, a DeepSpeed engine, PEFT),
+never its decoder alone: DDP only synchronises gradients after its own forward, FSDP2's root and
+DeepSpeed's ZeRO-3 hooks gather parameters in the modules' forwards (and again for their backward).
+For the duration of that call the LM head's forward computes the log-probs instead of logits
+(`_head_scores_labels`), so the head's weight is used inside the head's own forward like any layer's.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from .data.batching import IGNORE, SequenceBatch
-from .models import decoder, output_head, unwrap
+from .models import output_head, unwrap
 
 
 @dataclass
@@ -40,9 +47,54 @@ def head_weight(head: torch.nn.Module) -> torch.Tensor:
     return weight
 
 
-def _naive_token_logps(hidden, head, labels, with_entropy: bool):
-    logits = head(hidden).float()
+def _naive_token_logps(hidden, weight, bias, labels, with_entropy: bool):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
     log_probs = torch.log_softmax(logits, dim=-1)
+    token_logps = log_probs.gather(-1, labels[:, None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    return token_logps, entropy
+
+
+@contextlib.contextmanager
+def _head_scores_labels(head: torch.nn.Module, trained: torch.Tensor, labels: torch.Tensor, fused: bool,
+                        with_entropy: bool):
+    """While active, `head(hidden [R, T, H])` returns `[1 or 2, M]`: the log-prob of each label at the
+    `trained` positions (and the entropy) instead of `[R, T, V]` logits."""
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden[trained]
+        weight, bias = head_weight(head), getattr(head, "bias", None)
+        if hasattr(weight, "full_tensor"):  # a DTensor shard outside FSDP2's unsharded forward
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if hasattr(bias, "full_tensor") else bias
+        if torch.is_autocast_enabled(hidden.device.type):  # what nn.Linear would compute in
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        if fused:
+            from .kernels import linear_logprobs
+
+            token_logps, entropy = linear_logprobs(hidden, weight, labels, with_entropy=with_entropy, bias=bias)
+        else:
+            token_logps, entropy = _naive_token_logps(hidden, weight, bias, labels, with_entropy)
+        scores = [token_logps.float()] + ([entropy.float()] if with_entropy else [])
+        return torch.stack(scores)
+
+    had_own_forward = "forward" in head.__dict__
+    original = head.forward
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if had_own_forward:
+            head.forward = original
+        else:
+            del head.forward
+
+
+def _token_logps_from_logits(model, batch: SequenceBatch, trained, labels, with_entropy: bool):
+    """Models that transform logits after the head (soft-capping, logit scale): their own full forward."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    log_probs = torch.log_softmax(logits[trained].float(), dim=-1)
     token_logps = log_probs.gather(-1, labels[:, None]).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
     return token_logps, entropy
@@ -50,20 +102,15 @@ def _naive_token_logps(hidden, head, labels, with_entropy: bool):
 
 def sequence_logps(model, batch: SequenceBatch, *, fused: bool = True, with_entropy: bool = False) -> SequenceLogps:
     """Forward the model over the batch and sum completion-token log-probs per sequence."""
-    hidden = decoder(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                            use_cache=False).last_hidden_state
     trained = batch.targets != IGNORE
-    hidden = hidden[trained]
     labels = batch.targets[trained]
     sequence = batch.sequence_index[trained]
-    head = output_head(model)
-    if fused and not _logit_transform_unsupported(model):
-        from .kernels import linear_logprobs
-
-        token_logps, entropy = linear_logprobs(hidden, head_weight(head), labels, with_entropy=with_entropy,
-                                               bias=getattr(head, "bias", None))
+    if _logit_transform_unsupported(model):
+        token_logps, entropy = _token_logps_from_logits(model, batch, trained, labels, with_entropy)
     else:
-        token_logps, entropy = _naive_token_logps(hidden, head, labels, with_entropy)
+        with _head_scores_labels(output_head(model), trained, labels, fused, with_entropy):
+            scores = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        token_logps, entropy = scores[0], (scores[1] if with_entropy else None)
     sums = torch.zeros(batch.num_sequences, dtype=torch.float32, device=token_logps.device)
     sums = sums.index_add(0, sequence, token_logps.float())
     counts = torch.zeros(batch.num_sequences, dtype=torch.float32, device=token_logps.device)

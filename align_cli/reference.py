@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -70,6 +71,31 @@ def compute_rows(live: LiveReference, dataset, rows: list[int], pad_id: int, bat
             table[name][batch.row_index] = result[f"ref_{name}"].float().cpu()
 
 
+@torch.no_grad()
+def compute_rows_shared(live: LiveReference, dataset, rows: list[int], pad_id: int, batch_size: int, device,
+                        table: dict[str, torch.Tensor]) -> None:
+    """`compute_rows` split over the processes of a distributed run, then exchanged, so every process ends
+    with all rows. Each process computes an equal share (its last row repeated to even the counts): under
+    FSDP2 and ZeRO-3 every forward needs every process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return compute_rows(live, dataset, rows, pad_id, batch_size, device, table)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    share = math.ceil(len(rows) / world)
+    mine = rows[rank * share: (rank + 1) * share] or rows[-1:]
+    mine = mine + mine[-1:] * (share - len(mine))
+    local = {name: torch.full((len(dataset),), float("nan")) for name in live.groups}
+    compute_rows(live, dataset, mine, pad_id, batch_size, device, local)
+    for name in live.groups:
+        values = local[name].to(device)
+        known = ~torch.isnan(values)
+        summed = torch.stack([torch.where(known, values, torch.zeros_like(values)), known.float()])
+        dist.all_reduce(summed)
+        filled = summed[1] > 0
+        table[name][filled.cpu()] = (summed[0][filled] / summed[1][filled]).cpu()
+
+
 def cached_or_computed(live: LiveReference, dataset, rows: list[int], pad_id: int, batch_size: int, device,
                        key: str, cache_dir: str | None, is_main: bool = True) -> tuple[CachedReference, int]:
     """Reference log-probs for `rows` of `dataset` (row index = position), from the cache file of `key`
@@ -86,7 +112,7 @@ def cached_or_computed(live: LiveReference, dataset, rows: list[int], pad_id: in
         if is_main:
             print(f"Reference log-probs: computing {len(missing)} of {len(rows)} rows once "
                   f"(cached in {path} for later runs).", flush=True)
-        compute_rows(live, dataset, missing, pad_id, batch_size, device, table)
+        compute_rows_shared(live, dataset, missing, pad_id, batch_size, device, table)
         if is_main:
             folder.mkdir(parents=True, exist_ok=True)
             staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")

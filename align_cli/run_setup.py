@@ -17,6 +17,7 @@ from .checkpoint import list_checkpoints
 from .config import DataSource, Recipe
 from .data.preference import TokenisationSettings, normalise_rows, tokenise_preferences
 from .data.sources import load_source
+from .distributed import merge_lora_state_dict, shards_parameters
 from .errors import UserError
 from .models import apply_lora, freeze, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_location, unwrap
 
@@ -42,13 +43,18 @@ class RunInputs:
         """The trained model as a plain Hugging Face directory (LoRA merged on request), written atomically."""
         accelerator = self.accelerator
         target = self.run_dir / "final_model"
-        state_dict = accelerator.get_state_dict(model)
+        state_dict = accelerator.get_state_dict(model)  # gathered to the main process under FSDP2 / ZeRO-3
         if accelerator.is_main_process:
             inner = accelerator.unwrap_model(model)
             staging = Path(tempfile.mkdtemp(prefix=".final_model.", dir=self.run_dir))
             if self.recipe.peft.enabled and self.recipe.peft.merge_on_save:
-                inner = inner.merge_and_unload()
-                state_dict = None
+                if shards_parameters(accelerator):  # the live modules hold shards: merge the gathered weights
+                    lora = self.recipe.peft
+                    state_dict = merge_lora_state_dict(state_dict, lora.alpha / lora.r)
+                    inner = inner.get_base_model()
+                else:
+                    inner = inner.merge_and_unload()
+                    state_dict = None
             inner.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
             if target.exists():
@@ -75,14 +81,16 @@ def resolve_run_dir(recipe: Recipe, recipe_path: Path | None, output_dir: str | 
 
 
 def make_accelerator(recipe: Recipe):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DataLoaderConfiguration
 
     precision = recipe.training.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    # split_batches: no data loader is prepared (DataOrder gives each process its rows), and with it the
+    # prepared LR scheduler advances once per optimiser step, not once per process.
     return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
                        gradient_accumulation_steps=recipe.training.gradient_accumulation_steps,
-                       cpu=not torch.cuda.is_available())
+                       cpu=not torch.cuda.is_available(), dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def load_preference_split(source: DataSource, tokenizer, settings: TokenisationSettings, num_proc):
@@ -155,7 +163,8 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
             reference_model, context = policy, unwrap(policy).disable_adapter
     if reference_model is None and needs_reference:
         reference_model = freeze(load_causal_lm(reference_name or recipe.model.name, recipe.model, dtype))
-        reference_model.to(accelerator.device)
+        if not shards_parameters(accelerator):  # else sharded after the policy (distributed.prepare_reference)
+            reference_model.to(accelerator.device)
     return RunInputs(recipe, run_dir, accelerator, tokenizer, settings, train_data, eval_data, report, policy,
                      reference_model, context, resolve_model_location(reference_name or recipe.model.name), dtype,
                      load_task_rows(recipe))

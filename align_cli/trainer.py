@@ -7,6 +7,7 @@ Iterative methods (APO, Curry-DPO) call `train` once per iteration or stage.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -19,6 +20,7 @@ import torch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from .config import Recipe
 from .data.batching import DataOrder, GroupedBatch, collate_groups
+from .distributed import configure_engine, mark_sharded_for_generation, prepare_reference
 from .errors import UserError
 from .evaluation import evaluate_pairs, task_accuracy
 from .logprobs import sequence_logps
@@ -145,10 +147,6 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
         raise UserError(f"The training data has {len(run.train_data)} rows, fewer than one global batch "
                         f"({training.batch_size} x {accelerator.num_processes} processes). Lower training.batch_size.")
     steps = total_steps(recipe, order)
-    visited = sorted({row for k in range(steps * training.gradient_accumulation_steps) for row in order.batch(k)})
-    reference, reference_info = build_reference(run, objective, visited)
-    if recipe.reference.precompute and run.reference_model is not run.policy:
-        run.reference_model = None  # cached log-probs replace it: free its memory
 
     model = run.policy
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -158,7 +156,19 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
 
     warmup = training.warmup_steps or int(training.warmup_ratio * steps)
     scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    configure_engine(accelerator, recipe)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    mark_sharded_for_generation(accelerator, model)
+    # The reference is sharded like the policy (FSDP2, ZeRO-3), so it is prepared after it.
+    run.reference_model, run.reference_context = prepare_reference(accelerator, run.reference_model, run.policy,
+                                                                   run.reference_context)
+    # Rows of every process's micro-batches: precomputed reference log-probs are shared by all processes.
+    visited = sorted({row for rank in range(accelerator.num_processes)
+                      for k in range(steps * training.gradient_accumulation_steps)
+                      for row in dataclasses.replace(order, rank=rank).batch(k)})
+    reference, reference_info = build_reference(run, objective, visited)
+    if recipe.reference.precompute and run.reference_model is not run.policy:
+        run.reference_model = None  # cached log-probs replace it: free its memory
 
     state = {"step": 0, "micro_batch": 0, "tokens": 0, "seconds": 0.0}
     checkpoint = latest_checkpoint(run.run_dir) if resume else None
@@ -204,7 +214,9 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
                                 f"Lower training.learning_rate, check the data, or use training.precision: fp32.")
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and training.max_grad_norm:
-                            metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm))
+                            norm = accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+                            if norm is not None:  # DeepSpeed clips inside its step and may not report a norm
+                                metrics["grad_norm"] = float(norm)
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)

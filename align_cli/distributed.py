@@ -1,0 +1,186 @@
+"""Running one recipe unchanged on several processes: DDP, FSDP2 and DeepSpeed ZeRO through Accelerate.
+
+What the engines need beyond `accelerator.prepare`:
+- DeepSpeed reads batch size and clipping from its own config: `configure_engine` fills them from the recipe.
+- The frozen reference model is sharded like the policy under FSDP2 and ZeRO-3 (never a full replica per
+  GPU there) and kept as a replica, under the same autocast as the policy, elsewhere: `prepare_reference`.
+- A LoRA model is merged for the final save from the gathered state dict when the live parameters are
+  shards: `merge_lora_state_dict`.
+- Token-mean losses divide by the token count of the global batch: `global_token_mean`.
+- `align train --accelerate-config NAME --num-processes N` relaunches itself through `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+def engine_name(accelerator) -> str:
+    """'single', 'ddp', 'fsdp2', 'fsdp1', 'zero0'..'zero3' (or the distributed type's name)."""
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)).upper()
+    if kind == "DEEPSPEED":
+        return f"zero{deepspeed_stage(accelerator)}"
+    if kind == "FSDP":
+        return "fsdp2" if getattr(accelerator, "is_fsdp2", False) else "fsdp1"
+    if accelerator.num_processes == 1:
+        return "single"
+    return "ddp" if kind.startswith("MULTI_") else kind.lower()
+
+
+def deepspeed_stage(accelerator) -> int | None:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else int(plugin.zero_stage)
+
+
+def shards_parameters(accelerator) -> bool:
+    """True where no process holds all parameters (FSDP, ZeRO-3): models must be called through their
+    wrappers' hooks, and every process must run the same number of forwards."""
+    return engine_name(accelerator) in ("fsdp1", "fsdp2", "zero3")
+
+
+def configure_engine(accelerator, recipe) -> None:
+    """Fill the DeepSpeed config from the recipe before `prepare` (no data loader tells it the batch size)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    training = recipe.training
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = training.batch_size
+    config["train_batch_size"] = training.batch_size * training.gradient_accumulation_steps * accelerator.num_processes
+    config["gradient_accumulation_steps"] = training.gradient_accumulation_steps
+    config["gradient_clipping"] = float(training.max_grad_norm or 0.0)
+    if plugin.zero_stage == 3:
+        # The final model is written as one Hugging Face directory: gather the 16-bit weights to rank 0.
+        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def prepare_reference(accelerator, reference, policy, context_factory):
+    """The frozen reference ready to run beside the prepared policy; returns (model, context factory).
+
+    - the policy itself (LoRA with adapters disabled): already prepared, unchanged;
+    - FSDP2: sharded with the policy's plan (`fully_shard` per decoder layer), in eval mode;
+    - ZeRO-3: a DeepSpeed inference engine over parameters already partitioned at load (zero3_init_flag);
+    - otherwise: a replica on this process's device, run under the policy's autocast.
+    """
+    if reference is None or reference is policy:
+        return reference, context_factory
+    engine = engine_name(accelerator)
+    if engine == "fsdp2":
+        from accelerate.utils import fsdp2_prepare_model
+
+        reference = fsdp2_prepare_model(accelerator, reference)
+    elif engine == "fsdp1":
+        raise UserError("FSDP version 1 is not supported: use recipes/accelerate/fsdp2.yaml (fsdp_version: 2).")
+    elif engine == "zero3":
+        import copy
+
+        import deepspeed
+
+        config = copy.deepcopy(accelerator.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            config.pop(key, None)
+        reference, *_ = deepspeed.initialize(model=reference, config=config)
+    else:
+        reference = reference.to(accelerator.device)
+        autocast = accelerator.autocast
+        inner = context_factory
+
+        @contextlib.contextmanager
+        def context_factory():
+            with autocast(), inner():
+                yield
+
+    reference.eval()
+    return reference, context_factory
+
+
+def mark_sharded_for_generation(accelerator, model) -> None:
+    """transformers' `generate` keeps processes in step (`synced_gpus`) for FSDP only when the model says
+    it is FSDP-managed; Accelerate's FSDP2 does not say so. Without it, ranks whose greedy answers end at
+    different lengths would wait for each other's all-gathers forever."""
+    if engine_name(accelerator) != "fsdp2":
+        return
+    from .models import unwrap
+
+    for module in unwrap(model).modules():
+        if hasattr(module, "generate"):
+            module._is_fsdp_managed_module = True
+
+
+def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scaling: float, adapter: str = "default") -> dict:
+    """A PEFT LoRA model's full state dict -> the merged base model's state dict (W + scaling * B @ A),
+    keys as the plain Hugging Face model names them. For models whose parameters are shards, where
+    `merge_and_unload` cannot run on one process."""
+    merged: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if ".lora_" in key:
+            continue
+        name = key.removeprefix("base_model.model.")
+        if ".base_layer." in key:
+            stem = key.split(".base_layer.")[0]
+            name = name.replace(".base_layer.", ".")
+            down, up = state_dict.get(f"{stem}.lora_A.{adapter}.weight"), state_dict.get(f"{stem}.lora_B.{adapter}.weight")
+            if key.endswith(".weight") and down is not None and up is not None:
+                delta = (up.float() @ down.float()) * scaling
+                value = (value.float() + delta.reshape(value.shape)).to(value.dtype)
+        merged[name] = value
+    return merged
+
+
+def global_token_mean(token_values: torch.Tensor, mask: torch.Tensor, accelerator) -> torch.Tensor:
+    """`sum(values * mask) / (masked tokens of the whole global batch)`, scaled so that the gradient
+    averaging of DDP/FSDP/ZeRO (a mean over processes) yields exactly the global token mean: each
+    process's share is `world * local_sum / global_count`. On one process it is the plain token mean."""
+    local_sum = (token_values * mask).sum()
+    count = mask.sum().detach().float()
+    if accelerator.num_processes == 1:
+        return local_sum / count.clamp(min=1.0)
+    global_count = accelerator.reduce(count.clone(), "sum")
+    return local_sum * accelerator.num_processes / global_count.clamp(min=1.0)
+
+
+# ---- `align train --accelerate-config NAME|PATH --num-processes N` --------------------------------------
+
+def shipped_accelerate_configs() -> dict[str, Path]:
+    from importlib import resources
+
+    folder = resources.files("align_cli.recipes.accelerate")
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def resolve_accelerate_config(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_accelerate_configs()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    raise UserError(f"--accelerate-config '{name_or_path}' is neither a file nor a shipped launch config "
+                    f"({', '.join(sorted(shipped))}; they live in recipes/accelerate/).")
+
+
+def launch_command(config: str, num_processes: int | None, argv: list[str]) -> list[str]:
+    """`accelerate launch` running this same `align` command (argv: the arguments after the program)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolve_accelerate_config(config))]
+    if num_processes:
+        command += ["--num_processes", str(num_processes)]
+    return command + ["-m", "align_cli.cli", *argv]
+
+
+def relaunch(config: str, num_processes: int | None, argv: list[str]) -> int:
+    import os
+    import subprocess
+
+    if os.environ.get("LOCAL_RANK") is not None:
+        raise UserError("--accelerate-config: this process was already started by a launcher; drop the option "
+                        "(or run `align train` without `accelerate launch` around it).")
+    command = launch_command(config, num_processes, argv)
+    print("Launching: " + shlex.join(command), file=sys.stderr, flush=True)
+    return subprocess.call(command)
