@@ -76,17 +76,17 @@ ROW = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assis
 ])
 def test_bad_input_gives_one_clear_message_and_exit_2(case, expected, tmp_path, tiny_model_dir, monkeypatch, capsys):
     good = _jsonl(tmp_path, [ROW] * 4)
-    arguments = {
-        "unknown_key": ["train", str(_recipe(tmp_path, tiny_model_dir, good)), "--set", "training.learnig_rate=1"],
-        "wrong_type": ["train", str(_recipe(tmp_path, tiny_model_dir, good)), "--set", "training.max_steps=many"],
-        "missing_recipe": ["train", str(tmp_path / "absent.yaml")],
-        "missing_data": ["train", str(_recipe(tmp_path, tiny_model_dir, "./nope.jsonl"))],
-        "missing_column": ["train", str(_recipe(tmp_path, tiny_model_dir,
-                                                _jsonl(tmp_path, [{"prompt": "p", "chosen": "c"}])))],
-        "empty_dataset": ["train", str(_recipe(tmp_path, tiny_model_dir, _jsonl(tmp_path, [], "empty.jsonl")))],
-        "long_prompts": ["train", str(_recipe(tmp_path, tiny_model_dir, good, max_length=16, max_prompt_length=8))],
-        "missing_model": ["train", str(_recipe(tmp_path, tiny_model_dir, good)), "--set", "model.name=./no-model"],
-    }[case]
+    recipe = lambda data, **extra: str(_recipe(tmp_path, tiny_model_dir, data, **extra))  # noqa: E731
+    arguments = {  # built lazily: each case writes its own recipe file
+        "unknown_key": lambda: ["train", recipe(good), "--set", "training.learnig_rate=1"],
+        "wrong_type": lambda: ["train", recipe(good), "--set", "training.max_steps=many"],
+        "missing_recipe": lambda: ["train", str(tmp_path / "absent.yaml")],
+        "missing_data": lambda: ["train", recipe("./nope.jsonl")],
+        "missing_column": lambda: ["train", recipe(_jsonl(tmp_path, [{"prompt": "p", "chosen": "c"}]))],
+        "empty_dataset": lambda: ["train", recipe(_jsonl(tmp_path, [], "empty.jsonl"))],
+        "long_prompts": lambda: ["train", recipe(good, max_length=16, max_prompt_length=8)],
+        "missing_model": lambda: ["train", recipe(good), "--set", "model.name=./no-model"],
+    }[case]()
     code, out, err = align(monkeypatch, capsys, *arguments)
     assert code == 2, err
     assert "Traceback" not in err and "Traceback" not in out

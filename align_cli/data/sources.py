@@ -41,6 +41,8 @@ def load_source(source: str, split: str = "train", subset: str | None = None):
         return datasets.load_dataset("json", data_files={split: path}, split=split)
     path = Path(source).expanduser()
     if path.is_file():
+        if not path.read_bytes()[:4096].strip():
+            raise UserError(f"Data file '{source}' is empty: it has no rows to train on.")
         loader = _FILE_LOADERS.get(path.suffix.lower())
         if loader is None:
             raise UserError(f"Data file '{source}' has an unsupported extension '{path.suffix}'; "
