@@ -88,7 +88,8 @@ def prepare_reference(accelerator, reference, policy, context_factory):
             config.pop(key, None)
         reference, *_ = deepspeed.initialize(model=reference, config=config)
     else:
-        reference = reference.to(accelerator.device)
+        # DeepSpeed runs the policy in its 16-bit dtype (and no autocast): the replica matches it.
+        reference = reference.to(accelerator.device, dtype=_deepspeed_dtype(accelerator) or reference.dtype)
         autocast = accelerator.autocast
         inner = context_factory
 
@@ -99,6 +100,14 @@ def prepare_reference(accelerator, reference, policy, context_factory):
 
     reference.eval()
     return reference, context_factory
+
+
+def _deepspeed_dtype(accelerator) -> torch.dtype | None:
+    config = getattr(accelerator, "deepspeed_config", None) or {}
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if (config.get(key) or {}).get("enabled") is True:
+            return dtype
+    return None
 
 
 def mark_sharded_for_generation(accelerator, model) -> None:

@@ -70,13 +70,13 @@ def recipe(model: Path, data: Path, **training) -> dict:
     }
 
 
-def prepare(out: Path, tokenizer_dir: Path, steps: int, global_batch: int) -> None:
+def prepare(out: Path, tokenizer_dir: Path, steps: int, global_batch: int, shape: dict = BIG) -> None:
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
     data = out / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in pairs(int(steps * global_batch * 1.1) + 40, 48)))
-    save_model(out / "model", tokenizer_dir, BIG, seed=0)
+    save_model(out / "model", tokenizer_dir, shape, seed=0)
     save_model(out / "tiny", tokenizer_dir, TINY, seed=0)
     (out / "bench.yaml").write_text(yaml.safe_dump(recipe(out / "model", data, max_steps=steps)))
     # Resume and LoRA checks: 4 steps, checkpoints at 2 and 4; constant LR so a 2-step run resumed to 4
@@ -224,6 +224,7 @@ def main() -> None:
     p.add_argument("--tokenizer", type=Path, required=True)
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--tiny", action="store_true", help="The benchmark model in the tiny shape too (CPU smoke runs).")
     r = commands.add_parser("report")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--runs", nargs="+", required=True)
@@ -238,7 +239,7 @@ def main() -> None:
     c.add_argument("--lora", type=Path)
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.out, args.tokenizer, args.steps, args.global_batch)
+        prepare(args.out, args.tokenizer, args.steps, args.global_batch, TINY if args.tiny else BIG)
     elif args.command == "check":
         check(args.out, args.name, args.straight, args.resumed, args.lora)
     else:

@@ -11,23 +11,29 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARA
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 REPO=$PWD
 OUT=${OUT:-$REPO/distributed-out}
-W=/tmp/dist
+W=${W:-/tmp/dist}
 STEPS=${STEPS:-20}
+ENGINES=${ENGINES:-ddp fsdp2 zero2 zero3}
+GLOBAL_BATCH=${GLOBAL_BATCH:-32}   # pairs per optimiser step; 2-process runs take half each
+HALF=$((GLOBAL_BATCH / 2))
+EXTRA=${EXTRA:-}                   # more --set overrides for every run (CPU smoke tests)
 mkdir -p "$OUT" $W/logs $W/runs $W/checks
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-dist/*.whl \
-  2>&1 | tail -3 | tee -a "$OUT/log.txt"
-export PYTHONPATH=/tmp/site
+if [ -z "$SKIP_INSTALL" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-dist/*.whl \
+    2>&1 | tail -3 | tee -a "$OUT/log.txt"
+  export PYTHONPATH=/tmp/site
+fi
 cd /tmp || exit 1   # the installed wheel runs, not the checkout's align_cli/
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv | tee -a "$OUT/log.txt"
 python3 -c "import torch, transformers, accelerate, deepspeed, datasets, align_cli; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'deepspeed', deepspeed.__version__, 'datasets', datasets.__version__)" 2>&1 | tail -1 | tee -a "$OUT/log.txt"
-python3 "$REPO/benchmarks/distributed.py" prepare --out $W --tokenizer "$REPO/.dist-assets/tokenizer" --steps "$STEPS" \
+python3 "$REPO/benchmarks/distributed.py" prepare --out $W --tokenizer "$REPO/.dist-assets/tokenizer" --steps "$STEPS" --global-batch $GLOBAL_BATCH $PREPARE_ARGS \
   >> $W/logs/prepare.log 2>&1 || { log "prepare failed"; tail -20 $W/logs/prepare.log >> "$OUT/log.txt"; }
 log "prepared"
 
 ALIGN="python3 -m align_cli.cli"
 LAUNCH="python3 -m accelerate.commands.launch"
-CONFIGS=$REPO/recipes/accelerate
+CONFIGS=${CONFIGS:-$REPO/recipes/accelerate}
 bench() {  # NAME LIMIT COMMAND...: one timed run with a GPU memory trace
   local name=$1 limit=$2; shift 2
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 250 > $W/logs/$name.mem &
@@ -36,34 +42,36 @@ bench() {  # NAME LIMIT COMMAND...: one timed run with a GPU memory trace
   local rc=$?
   kill $sampler 2>/dev/null
   local peak=$(awk -F', ' '{if ($2 > m[$1]) m[$1] = $2} END {for (g in m) printf "gpu%s=%sMiB ", g, m[g]}' $W/logs/$name.mem)
-  log "$name rc=$rc wall=$(( ($(date +%s%N) - start) / 1000000 ))ms peak_memory: $peak"
+  log "$name rc=$rc wall=$(( ($(date +%s%N) - start) / 1000000 ))ms peak_memory: $peak saved: $(du -sh $W/runs/$name 2>/dev/null | cut -f1)"
   [ $rc -ne 0 ] && grep -v "Warning\|warn" $W/logs/$name.log | tail -25 >> "$OUT/log.txt"
 }
 B="$W/bench.yaml"
-bench 1gpu 150 env CUDA_VISIBLE_DEVICES=0 $ALIGN train $B --output-dir $W/runs/1gpu --set training.batch_size=32
-for engine in ddp fsdp2 zero2 zero3; do
-  bench $engine 150 $ALIGN train $B --output-dir $W/runs/$engine --set training.batch_size=16 \
-    --accelerate-config $engine --num-processes 2
+bench 1gpu 120 env CUDA_VISIBLE_DEVICES=0 $ALIGN train $B --output-dir $W/runs/1gpu --set training.batch_size=$GLOBAL_BATCH $EXTRA
+for engine in $ENGINES; do
+  bench $engine 120 $ALIGN train $B --output-dir $W/runs/$engine --set training.batch_size=$HALF $EXTRA \
+    --accelerate-config $CONFIGS/$engine.yaml --num-processes 2
 done
 node() {  # one "node" of the two-node run: its own launcher and GPU
   CUDA_VISIBLE_DEVICES=$1 $LAUNCH --config_file $CONFIGS/multi_node.yaml --num_machines 2 --machine_rank $1 \
     --main_process_ip 127.0.0.1 --main_process_port 29555 --num_processes 2 \
-    -m align_cli.cli train $B --output-dir $W/runs/2node --set training.batch_size=16 > $W/logs/2node-rank$1.log 2>&1
+    -m align_cli.cli train $B --output-dir $W/runs/2node --set training.batch_size=$HALF $EXTRA > $W/logs/2node-rank$1.log 2>&1
 }
 two_nodes() { node 1 & local other=$!; node 0; local rc=$?; wait $other; return $(( rc | $? )); }
 export -f node two_nodes
-export LAUNCH CONFIGS B W
-bench 2node 150 bash -c two_nodes
+export LAUNCH CONFIGS B W HALF EXTRA
+bench 2node 120 bash -c two_nodes
 
-log "checks: resume and LoRA per engine (tiny model, side by side)"
+# What is left of the command's 10 minutes, less a minute for the report, bounds each check launch.
+LIMIT=$(( (540 - SECONDS) / 2 )); [ $LIMIT -gt 120 ] && LIMIT=120
+log "checks: resume and LoRA per engine (tiny model, side by side), ${LIMIT}s per launch"
 T="$W/tiny.yaml"
 port=29600
 tiny() {  # ENGINE PORT LOG ARGS...
   local engine=$1 port=$2 out=$3; shift 3
-  timeout -k 10 150 $LAUNCH --config_file $CONFIGS/$engine.yaml --num_processes 2 --main_process_port $port \
-    -m align_cli.cli train $T "$@" > $W/logs/check-$out.log 2>&1
+  timeout -k 5 $LIMIT $LAUNCH --config_file $CONFIGS/$engine.yaml --num_processes 2 --main_process_port $port \
+    -m align_cli.cli train $T $EXTRA "$@" > $W/logs/check-$out.log 2>&1
 }
-for engine in ddp fsdp2 zero2 zero3; do
+for engine in $ENGINES; do
   tiny $engine $port $engine-straight --output-dir $W/checks/$engine-straight &
   (tiny $engine $((port + 1)) $engine-half --output-dir $W/checks/$engine-resumed --set training.max_steps=2 \
    && tiny $engine $((port + 3)) $engine-resume --output-dir $W/checks/$engine-resumed --resume) &
@@ -72,13 +80,12 @@ for engine in ddp fsdp2 zero2 zero3; do
   port=$((port + 10))
 done
 wait
-for engine in ddp fsdp2 zero2 zero3; do
+for engine in $ENGINES; do
   python3 "$REPO/benchmarks/distributed.py" check --out $W --name $engine --straight $W/checks/$engine-straight \
     --resumed $W/checks/$engine-resumed --lora $W/checks/$engine-lora >> $W/logs/check-report.log 2>&1
   log "check $engine: $(python3 -c "import json; r = json.load(open('$W/checks/$engine.json')); print(json.dumps({k: v for k, v in r.items() if 'losses' not in k}))" 2>&1 | tail -1)"
 done
-python3 "$REPO/benchmarks/distributed.py" report --out $W --runs 1gpu ddp fsdp2 zero2 zero3 2node \
-  --checks ddp fsdp2 zero2 zero3 > $W/logs/report.log 2>&1 || tail -20 $W/logs/report.log >> "$OUT/log.txt"
+python3 "$REPO/benchmarks/distributed.py" report --out $W --runs 1gpu $ENGINES 2node --checks $ENGINES > $W/logs/report.log 2>&1 || tail -20 $W/logs/report.log >> "$OUT/log.txt"
 cp $W/results.json $W/distributed_loss_curves.png "$OUT/" 2>/dev/null
 cd $W && tar czf "$OUT/bundle.tar.gz" logs runs/*/metrics.jsonl runs/*/summary.json checks/*.json \
   checks/*/metrics.jsonl checks/*/summary.json 2>/dev/null
