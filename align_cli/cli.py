@@ -54,6 +54,8 @@ def train(
                 *(["--output-dir", output_dir] if output_dir else []), *(["--resume"] if resume else []),
                 *(["--overwrite"] if overwrite else [])]
         raise typer.Exit(relaunch(accelerate_config, num_processes, argv))
+    if loaded.method.name == "grpo":  # online RL has its own loop
+        from .rl.trainer import train_rl as run_training
     try:
         summary = run_training(loaded, path, output_dir, resume, overwrite)
     except Interrupted as stop:
@@ -152,6 +154,22 @@ def generate(
 from .eval.cli import eval_app  # noqa: E402
 
 app.add_typer(eval_app, name="eval")
+
+
+@app.command()
+def plot(
+    run_dirs: List[str] = typer.Argument(..., help="Run directories (each with a metrics.jsonl)."),
+    metric: List[str] = typer.Option(..., "--metric", help="A logged metric (reward/mean, loss, eval/task_accuracy, ...); "
+                                                           "repeat for several panels."),
+    output: str = typer.Option(..., "--output", help="PNG file to write."),
+    label: List[str] = typer.Option([], "--label", help="Legend name of each run, in order (default: directory names)."),
+    smooth: int = typer.Option(1, "--smooth", min=1, help="Running mean over this many logged steps."),
+    title: Optional[str] = typer.Option(None, "--title", help="Figure title."),
+):
+    """Plot logged metrics of one or more runs into a PNG, runs overlaid."""
+    from .plotting import plot_runs
+
+    typer.echo(str(plot_runs(run_dirs, metric, output, label or None, smooth, title)))
 
 
 def main() -> None:

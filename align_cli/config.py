@@ -128,22 +128,129 @@ class SrpoConfig(Section):
         return self
 
 
+class RewardTerm(BaseModel):
+    """One weighted reward; any other key is a parameter of that reward function."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(..., description="`arithmetic` (the shipped task's strict verifier), `answer_match` (robust "
+                                       "final-answer extraction), `format` (regex `pattern`), `reward_model` (`model:` "
+                                       "a local sequence-classification model), or a Python callable `module:function` "
+                                       "with signature `(completions: list[str], rows: list[dict], **params) -> list[float]`.")
+    weight: float = Field(1.0, description="Weight of this reward in the sum.")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class D3SConfig(Section):
+    """D^3S down-sampling (Wang et al., ICLR 2026), ALGORITHMS.md section 8. The paper's schedule values are not
+    public: the defaults train early steps on half the rollouts of a group of 8 and a fifth of their tokens (the
+    high-entropy minority), late steps on every rollout and 60% of the tokens."""
+
+    enabled: bool = Field(False, description="Down-sample rollouts and tokens after computing advantages with all G.")
+    sample_scope: Literal["group", "batch"] = Field(
+        "group", description="`group` (D3S-I): the max-variance subset of m rollouts within each group; `batch`: of "
+                             "m x prompts rollouts across the batch.")
+    token_scope: Literal["batch", "sequence"] = Field(
+        "batch", description="Top-K% tokens by |A|*H over all kept rollouts of the step (`batch`, per process) or "
+                             "within each rollout (`sequence`). Dropped tokens get no gradient and do not count in "
+                             "the loss normaliser.")
+    m_init: int = Field(4, ge=1, description="Rollouts kept per group at the start of training (at most G).")
+    m_final: int = Field(8, ge=1, description="Rollouts kept per group at the end (linear in between, rounded).")
+    keep_init: float = Field(20.0, gt=0, le=100, description="Percent of tokens kept at the start.")
+    keep_final: float = Field(60.0, gt=0, le=100, description="Percent of tokens kept at the end (linear in between).")
+
+
+class HapoConfig(Section):
+    """HAPO's sampling and advantage parts (Liu et al. 2025), ALGORITHMS.md section 9. Its loss parts
+    (advantage redistribution, adaptive clipping) are the `hapo` loss's hyperparameters in `method.losses`."""
+
+    entropy_sign: Literal["paper", "released_code"] = Field(
+        "paper", description="`paper`: low-entropy tokens get a negative signal (h / |min h|). `released_code`: the "
+                             "released code's h / min h, which makes every signal non-negative and disables every "
+                             "low-entropy branch.")
+    rho: float = Field(0.8, gt=0, lt=1, description="Quantile of log-entropy that separates high from low entropy.")
+    adaptive_temperature: bool = Field(
+        False, description="Sample at T * (1 + tau * ht) per token, ht from the previous step's entropy statistics "
+                           "(off on the first step).")
+    tau: float = Field(0.1, ge=0, lt=1, description="Adaptive temperature range (paper 0.1, released code 0.05).")
+    token_level_advantage: bool = Field(
+        False, description="Token-level group average advantages (length-weighted group mean and std) instead of GRPO's.")
+    advantage_fallback: Optional[float] = Field(
+        5.0, gt=0, description="With token_level_advantage, a group where any |A| reaches this uses GRPO advantages "
+                               "(the released code's safeguard); None: never.")
+
+
+class RLConfig(Section):
+    """Online RL (`method.name: grpo`): rollout -> reward -> advantage -> select -> update, ALGORITHMS.md 7-9.
+    The policy loss is the single term of `method.losses`: `grpo`, `dapo`, `gspo` or `hapo`."""
+
+    num_generations: int = Field(8, ge=2, description="G: completions sampled per prompt.")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts (groups) per training step, per process.")
+    max_new_tokens: int = Field(64, ge=1, description="L_max: completion budget; completions without an end token are truncated.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (HAPO's T_base).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    generation_batch_size: int = Field(16, ge=1, description="Prompts per generate call (each yields G completions).")
+    passes: int = Field(1, ge=1, description="Optimisation passes over each step's rollouts (GRPO's mu).")
+    mini_batches: int = Field(1, ge=1, description="Optimiser steps per pass; each is split into micro-batches of "
+                                                   "training.batch_size completions (gradient accumulation).")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and sample more "
+                                                      "prompts until prompts_per_step groups remain.")
+    max_sampling_rounds: int = Field(4, ge=1, description="Dynamic sampling gives up after this many rounds and trains "
+                                                          "on the groups it has.")
+    overlong_shaping: bool = Field(False, description="DAPO: add 0 up to L_max - overlong_buffer tokens, then down to -1 "
+                                                      "at L_max, to the reward.")
+    overlong_buffer: int = Field(4, ge=0, description="L_cache of the overlong shaping.")
+    mask_truncated: bool = Field(False, description="DAPO overlong filtering: truncated completions get no gradient "
+                                                    "(they still count in their group's advantages).")
+    rewards: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="arithmetic")],
+                                      description="Reward terms, summed with weights: `- {name: arithmetic, weight: 1.0}`.")
+    d3s: D3SConfig = Field(default_factory=D3SConfig, description="D^3S sample- and token-level down-sampling.")
+    hapo: HapoConfig = Field(default_factory=HapoConfig, description="HAPO adaptive temperature and token-level advantages.")
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> "RLConfig":
+        d3s = self.d3s
+        if d3s.enabled and max(d3s.m_init, d3s.m_final) > self.num_generations:
+            raise ValueError(f"method.rl.d3s.m_init/m_final ({d3s.m_init}, {d3s.m_final}) must not exceed "
+                             f"method.rl.num_generations ({self.num_generations})")
+        if not self.rewards:
+            raise ValueError("method.rl.rewards needs at least one reward")
+        return self
+
+
+RL_LOSS_NAMES = ("grpo", "dapo", "gspo", "hapo")
+
+
 class MethodConfig(Section):
-    name: Literal["dpo", "tpo", "srpo"] = Field(
+    name: Literal["dpo", "tpo", "srpo", "grpo"] = Field(
         "dpo", description="Training method; all three run the same offline pairwise trainer. `dpo`: any pairwise loss "
                            "(dpo, ipo, fdpo, ...). `tpo`: triple data (gold, chosen, rejected), reference-free. `srpo`: "
                            "pairs plus self-revision sequences, and revision evaluation. Without `losses`, the loss of "
-                           "the same name is used.")
+                           "the same name is used. `grpo`: online RL (align_cli/rl) with one loss term `grpo`, "
+                           "`dapo`, `gspo` or `hapo` and the `rl` section.")
     losses: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="dpo")],
                                    description="Loss terms: `- {name: dpo, weight: 1.0, beta: 0.1}`; the loss is sum_i weight_i * mean(loss_i).")
     srpo: SrpoConfig = Field(default_factory=SrpoConfig, description="SRPO's prompt templates and revision evaluation.")
+    rl: RLConfig = Field(default_factory=RLConfig, description="Online RL (`name: grpo`): sampling, rewards, D^3S, HAPO.")
 
     @model_validator(mode="before")
     @classmethod
     def _default_loss_of_method(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "losses" not in data and data.get("name") in ("tpo", "srpo"):
+        if isinstance(data, dict) and "losses" not in data and data.get("name") in ("tpo", "srpo", "grpo"):
             return {**data, "losses": [{"name": data["name"]}]}
         return data
+
+    @model_validator(mode="after")
+    def _check_rl_losses(self) -> "MethodConfig":
+        rl_terms = [term.name for term in self.losses if term.name in RL_LOSS_NAMES]
+        if self.name == "grpo" and (len(self.losses) != 1 or not rl_terms):
+            raise ValueError(f"method grpo takes exactly one loss term, one of {', '.join(RL_LOSS_NAMES)}; "
+                             f"got {[term.name for term in self.losses]}")
+        if self.name != "grpo" and rl_terms:
+            raise ValueError(f"losses {rl_terms} are online RL losses: use them with method.name: grpo")
+        return self
 
 
 class TrainingConfig(Section):

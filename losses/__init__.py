@@ -33,6 +33,9 @@ TENSOR_INPUTS = (
     "ref_chosen_given_chosen", "ref_rejected_given_chosen",
     # soft labels: P(chosen beats rejected) per pair, or each response's win probability (SPPO)
     "preference_probability", "chosen_win_probability", "rejected_win_probability",
+    # token-level RL losses (grpo, dapo, gspo, hapo): padded per-token tensors [B, T] and masks (losses/rl.py)
+    "policy_token_logps", "old_token_logps", "ref_token_logps", "advantages", "completion_mask", "loss_mask",
+    "token_entropy_signal", "loss_normaliser",
 )
 
 LOSSES: dict[str, Callable] = {}
@@ -68,3 +71,13 @@ def needs_reference(function: Callable) -> bool:
 
 # Importing the modules fills the registry.
 from . import dpo, fdpo, sppo, srpo, tpo  # noqa: E402,F401
+from . import d3s, hapo, rl  # noqa: E402,F401
+from .d3s import d3s_schedule, max_variance_subset, select_samples, select_tokens  # noqa: E402,F401
+from .hapo import (  # noqa: E402,F401
+    EntropyStats, adaptive_clip_bounds, adaptive_temperature, entropy_signal, redistribute_advantages,
+    token_level_group_advantages,
+)
+from .rl import group_advantages, k3_kl  # noqa: E402,F401
+
+# Token-level RL losses: trained by the online loop (align_cli/rl), not the pairwise trainer.
+RL_LOSSES = ("grpo", "dapo", "gspo", "hapo")

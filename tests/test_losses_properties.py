@@ -33,6 +33,10 @@ def test_registry_contents():
         "tpo_l",
         "srpo",
         "sppo",
+        "grpo",
+        "dapo",
+        "gspo",
+        "hapo",
     }
 
 

@@ -1,0 +1,157 @@
+"""Rollouts: G sampled completions per prompt, kept as token ids, and their per-token scores.
+
+Completions are kept as the exact token ids the policy sampled (decoding and re-tokenising would not give
+them back). A completion ends at its first end-of-sequence token, which is kept and trained like any
+other token; one that reaches `max_new_tokens` without it is marked truncated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data.batching import pad_sequences
+from ..generation import render_prompts
+from ..logprobs import sequence_logps
+from ..models import unwrap
+
+
+@dataclass
+class Rollouts:
+    """N = P * G completions, grouped: completion i belongs to prompt `group[i]` (0..P-1)."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    truncated: torch.Tensor   # [N] bool
+    group: torch.Tensor       # [N] long
+    rows: list[dict]          # the data row of each completion's prompt
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([len(c) for c in self.completion_ids], dtype=torch.long)
+
+    def select(self, indices) -> "Rollouts":
+        indices = [int(i) for i in indices]
+        return Rollouts([self.prompt_ids[i] for i in indices], [self.completion_ids[i] for i in indices],
+                        [self.texts[i] for i in indices], self.truncated[indices], self.group[indices],
+                        [self.rows[i] for i in indices])
+
+    @staticmethod
+    def concatenate(parts: list["Rollouts"]) -> "Rollouts":
+        """Rollouts of several rounds, group numbers made consecutive across them."""
+        offset, groups = 0, []
+        for part in parts:
+            groups.append(part.group + offset)
+            offset += int(part.group.max()) + 1 if len(part) else 0
+        return Rollouts([p for r in parts for p in r.prompt_ids], [c for r in parts for c in r.completion_ids],
+                        [t for r in parts for t in r.texts], torch.cat([r.truncated for r in parts]),
+                        torch.cat(groups), [row for r in parts for row in r.rows])
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    configured = getattr(unwrap(model).generation_config, "eos_token_id", None)
+    stops = set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+    if tokenizer.eos_token_id is not None:
+        stops.add(tokenizer.eos_token_id)
+    return stops
+
+
+def _cut(tokens: list[int], stops: set[int]) -> tuple[list[int], bool]:
+    """The completion up to and including its first stop token; truncated when it has none."""
+    for position, token in enumerate(tokens):
+        if token in stops:
+            return tokens[: position + 1], False
+    return tokens, True
+
+
+@torch.no_grad()
+def generate_rollouts(model, tokenizer, rows: list[dict], num_generations: int, *, max_new_tokens: int,
+                      temperature: float, top_p: float, seed: int, batch_size: int,
+                      system_prompt: str | None = None, logits_processor=None) -> Rollouts:
+    """`num_generations` sampled completions for each row's `prompt` (chat template applied to messages)."""
+    from transformers import LogitsProcessorList
+
+    policy = unwrap(model)
+    was_training = policy.training
+    policy.eval()
+    device = next(policy.parameters()).device
+    stops = stop_token_ids(policy, tokenizer)
+    texts = render_prompts(tokenizer, [row["prompt"] for row in rows], system_prompt)
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    prompt_ids, completion_ids, truncated = [], [], []
+    try:
+        for start in range(0, len(texts), batch_size):
+            encoded = tokenizer(texts[start: start + batch_size], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(device)
+            torch.manual_seed(seed + start)
+            generated = policy.generate(
+                **encoded, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
+                top_k=None, num_return_sequences=num_generations, pad_token_id=tokenizer.pad_token_id,
+                logits_processor=LogitsProcessorList([logits_processor] if logits_processor is not None else []),
+            )
+            width = encoded["input_ids"].shape[1]
+            for index, sequence in enumerate(generated.tolist()):
+                prompt_row = index // num_generations
+                mask = encoded["attention_mask"][prompt_row].bool()
+                prompt_ids.append(encoded["input_ids"][prompt_row][mask].tolist())
+                completion, cut_short = _cut(sequence[width:], stops)
+                completion_ids.append(completion)
+                truncated.append(cut_short)
+    finally:
+        tokenizer.padding_side = padding_side
+        policy.train(was_training)
+    return Rollouts(
+        prompt_ids, completion_ids, tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
+        torch.tensor(truncated, dtype=torch.bool),
+        torch.arange(len(rows)).repeat_interleave(num_generations),
+        [row for row in rows for _ in range(num_generations)],
+    )
+
+
+def completion_mask(lengths: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """`[B, T]` float mask, 1 on the first `lengths[i]` positions of row i."""
+    width = int(lengths.max()) if width is None else width
+    return (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]).to(torch.float32)
+
+
+def to_padded(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Row-major per-token values `[sum(lengths)]` laid out as `[B, max(lengths)]`, zero-padded."""
+    mask = completion_mask(lengths.to(flat.device)).bool()
+    padded = flat.new_zeros(mask.shape)
+    return padded.masked_scatter(mask, flat)
+
+
+def score(model, rollouts: Rollouts, pad_id: int, *, fused: bool, with_entropy: bool):
+    """Per-token log-probs `[B, T]` (and entropies, or None) of the completions under `model`; with grad if
+    grad mode is on. Only completion positions reach the LM head (`sequence_logps`)."""
+    batch = pad_sequences(rollouts.prompt_ids, rollouts.completion_ids, pad_id).to(next(model.parameters()).device)
+    scored = sequence_logps(model, batch, fused=fused, with_entropy=with_entropy)
+    lengths = rollouts.lengths.to(scored.token_logps.device)
+    logps = to_padded(scored.token_logps, lengths)
+    entropy = to_padded(scored.token_entropy.float(), lengths) if with_entropy else None
+    return logps, entropy
+
+
+@torch.no_grad()
+def score_in_chunks(model, rollouts: Rollouts, pad_id: int, batch_size: int, *, fused: bool, with_entropy: bool,
+                    context=None):
+    """`score` without grad over micro-batches of `batch_size`, padded to the longest completion."""
+    import contextlib
+
+    width = int(rollouts.lengths.max())
+    logps, entropies = [], []
+    with (context() if context is not None else contextlib.nullcontext()):
+        for start in range(0, len(rollouts), batch_size):
+            part = rollouts.select(range(start, min(start + batch_size, len(rollouts))))
+            chunk_logps, chunk_entropy = score(model, part, pad_id, fused=fused, with_entropy=with_entropy)
+            pad = width - chunk_logps.shape[1]
+            logps.append(torch.nn.functional.pad(chunk_logps, (0, pad)))
+            if with_entropy:
+                entropies.append(torch.nn.functional.pad(chunk_entropy, (0, pad)))
+    return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)

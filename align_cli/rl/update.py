@@ -1,0 +1,106 @@
+"""The optimisation side of a step: the trained batch, split into mini-batches (optimiser steps) and
+micro-batches (gradient accumulation), with the loss normalised by each optimiser step's global count."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .rollout import Rollouts, score
+
+
+@dataclass
+class TrainBatch:
+    """Everything the loss needs for the step's trained rollouts; per-token tensors are `[N, T]`."""
+
+    rollouts: Rollouts
+    advantages: torch.Tensor             # [N]
+    completion_mask: torch.Tensor        # [N, T] float
+    loss_mask: torch.Tensor              # [N, T] float: completion tokens that get gradient
+    old_logps: torch.Tensor | None       # [N, T]; None: pi_old is the current policy (one update per step)
+    ref_logps: torch.Tensor | None       # [N, T] for the KL term
+    entropy_signal: torch.Tensor | None  # [N, T] HAPO's ht
+
+    def __len__(self) -> int:
+        return len(self.rollouts)
+
+
+def normaliser_count(loss_mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """What `aggregate` divides by, counted over a whole optimiser step: loss tokens (`token-mean`) or
+    sequences with at least one loss token (`seq-mean-token-mean`)."""
+    if aggregation == "token-mean":
+        return loss_mask.sum()
+    return (loss_mask.sum(dim=1) > 0).sum().to(loss_mask.dtype)
+
+
+def micro_batch_loss(model, batch: TrainBatch, indices: torch.Tensor, loss_function: Callable, params: dict,
+                     normaliser, pad_id: int, fused: bool):
+    """The loss of one micro-batch (its share of the optimiser step's loss) and the loss's metrics."""
+    part = batch.rollouts.select(indices)
+    policy_logps, _ = score(model, part, pad_id, fused=fused, with_entropy=False)
+    device = policy_logps.device
+    width = policy_logps.shape[1]
+
+    def rows(tensor):
+        return tensor[indices][:, :width].to(device)
+
+    inputs = {
+        "policy_token_logps": policy_logps,
+        "old_token_logps": rows(batch.old_logps) if batch.old_logps is not None else policy_logps.detach(),
+        "advantages": batch.advantages[indices].to(device),
+        "completion_mask": rows(batch.completion_mask),
+        "loss_mask": rows(batch.loss_mask),
+        "loss_normaliser": normaliser,
+    }
+    if batch.ref_logps is not None:
+        inputs["ref_token_logps"] = rows(batch.ref_logps)
+    if batch.entropy_signal is not None:
+        inputs["token_entropy_signal"] = rows(batch.entropy_signal)
+    per_sequence, metrics = loss_function(**inputs, **params)
+    return per_sequence.mean(), metrics
+
+
+def optimise(model, batch: TrainBatch, *, loss_function: Callable, params: dict, weight: float, aggregation: str,
+             accelerator, optimizer, scheduler, passes: int, mini_batches: int, micro_batch_size: int,
+             max_grad_norm: float | None, pad_id: int, fused: bool, seed: int,
+             check_finite: Callable[[torch.Tensor], None] | None = None) -> list[dict]:
+    """`passes` x `mini_batches` optimiser steps over the batch; one metrics dict per optimiser step.
+
+    Each optimiser step's loss is `sum over its micro-batches` of the micro-batch losses, each normalised by
+    the step's global count (all micro-batches, all processes), so the gradient equals that of the whole
+    mini-batch at once. `accelerator.backward` divides by its accumulation steps and DDP averages over
+    processes; both are undone here so the sum stays exact.
+    """
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    for _ in range(passes):
+        order = torch.randperm(len(batch), generator=generator)
+        for mini_batch in order.chunk(mini_batches):
+            local = normaliser_count(batch.loss_mask[mini_batch], aggregation).to(accelerator.device)
+            normaliser = accelerator.reduce(local, "sum") if accelerator.num_processes > 1 else local
+            micro = list(mini_batch.split(micro_batch_size))
+            step_loss, step_metrics = 0.0, []
+            for position, indices in enumerate(micro):
+                last = position == len(micro) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    loss, metrics = micro_batch_loss(model, batch, indices, loss_function, params, normaliser,
+                                                     pad_id, fused)
+                    loss = weight * loss
+                    if check_finite is not None:
+                        check_finite(loss)
+                    accelerator.backward(loss * scale)
+                step_loss += float(loss.detach())
+                step_metrics.append({k: float(v) for k, v in metrics.items()})
+            result = {"loss": step_loss,
+                      **{k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}}
+            if max_grad_norm:
+                result["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            results.append(result)
+    return results

@@ -1,0 +1,230 @@
+"""The online RL trainer: rewards, overlong shaping, dynamic sampling, a 2-step run end to end, resume, plot."""
+
+import json
+import os
+import signal
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from align_cli import tasks
+from align_cli.cli import main
+from align_cli.config import Recipe
+from align_cli.errors import UserError
+from align_cli.recipe import load_recipe
+from align_cli.rl import trainer as rl_trainer
+from align_cli.rl.advantages import advantages_of, informative_groups
+from align_cli.rl.data import PromptOrder
+from align_cli.rl.rewards import WeightedRewards, answer_match, extract_answer, overlong_penalty
+from align_cli.rl.rollout import Rollouts, to_padded
+from align_cli.trainer import Interrupted
+
+from conftest import write_jsonl
+
+
+def align(monkeypatch, capsys, *arguments):
+    monkeypatch.setattr(sys, "argv", ["align", *arguments])
+    code = 0
+    try:
+        main()
+    except SystemExit as done:
+        code = done.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_overlong_shaping():
+    lengths = torch.tensor([0, 10, 12, 13, 15, 16, 20])
+    penalty = overlong_penalty(lengths, max_length=16, buffer=4)
+    # 0 up to L_max - L_cache = 12, then (12 - |o|) / 4 down to -1 at 16, and -1 beyond
+    assert penalty.tolist() == [0.0, 0.0, 0.0, -0.25, -0.75, -1.0, -1.0]
+    assert overlong_penalty(torch.tensor([15, 16]), 16, 0).tolist() == [0.0, -1.0]
+
+
+def test_rewards_builtin_callable_and_weighted_sum(tmp_path, monkeypatch):
+    rows = [{"prompt": "q", "answer": "17 - 6 = 11"}] * 4
+    completions = ["17 - 6 = 11", "17 - 6 = 11.\n\nThat is all.", "The answer is \\boxed{11}", "17 - 6 = 12"]
+    assert answer_match(completions, rows) == [1.0, 1.0, 1.0, 0.0]
+    assert extract_answer("#### 1,234") == 1234 and extract_answer("x = 3/4") == extract_answer("0.75")
+    assert extract_answer("no number") is None
+    (tmp_path / "my_rewards.py").write_text("def short(completions, rows, limit=12):\n"
+                                            "    return [float(len(c) <= limit) for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = Recipe.model_validate({"method": {"name": "grpo", "rl": {"rewards": [
+        {"name": "arithmetic"}, {"name": "format", "weight": 0.5}, {"name": "my_rewards:short", "weight": 2.0, "limit": 11}]}}})
+    total, parts = WeightedRewards(recipe.method.rl.rewards)(completions, rows)
+    assert parts["arithmetic"].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert parts["format"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert parts["my_rewards:short"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert total.tolist() == [3.5, 0.0, 0.0, 2.5]
+    for bad in ("nonexistent_module_xyz:f", "my_rewards:missing", "unknown_reward"):
+        with pytest.raises(UserError):
+            WeightedRewards(Recipe.model_validate({"method": {"name": "grpo", "rl": {"rewards": [{"name": bad}]}}})
+                            .method.rl.rewards)
+
+
+def fake_rollouts(rows, generations):
+    """Each prompt's G completions: all wrong for prompts whose answer starts with an even number, else one right."""
+    texts = []
+    for row in rows:
+        mixed = int(row["answer"].split()[0]) % 2 == 1
+        texts += [row["answer"] if (mixed and j == 0) else "wrong" for j in range(generations)]
+    count = len(rows) * generations
+    return Rollouts([[1]] * count, [[5, 2]] * count, texts, torch.zeros(count, dtype=torch.bool),
+                    torch.arange(len(rows)).repeat_interleave(generations), [r for r in rows for _ in range(generations)])
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_dynamic_sampling_drops_equal_reward_groups(monkeypatch, dynamic):
+    monkeypatch.setattr(rl_trainer, "generate_rollouts", lambda model, tokenizer, rows, g, **_: fake_rollouts(rows, g))
+    rows = [tasks.prompt_row(p) for p in tasks.make_problems(40, seed=1)]
+    recipe = Recipe.model_validate({"method": {"name": "grpo", "rl": {
+        "num_generations": 4, "prompts_per_step": 3, "dynamic_sampling": dynamic, "max_sampling_rounds": 10}}})
+    run = SimpleNamespace(recipe=recipe, train_data=rows, tokenizer=None)
+    state = {"step": 1, "prompts_seen": 0}
+    batch, rewards, metrics = rl_trainer.collect_rollouts(None, run, PromptOrder(len(rows), 0), state,
+                                                          WeightedRewards(recipe.method.rl.rewards), None, 1)
+    assert rewards.shape == (3, 4) and len(batch) == 12
+    grouped = [batch.rows[g * 4]["answer"] for g in range(3)]
+    if dynamic:
+        assert informative_groups(rewards).all()
+        assert all(int(a.split()[0]) % 2 == 1 for a in grouped)
+        assert state["prompts_seen"] == 3 * metrics["sampling/rounds"] and metrics["groups/informative"] < 1
+    else:
+        assert state["prompts_seen"] == 3 and metrics["sampling/rounds"] == 1
+    # the batch stays group-major: each group's 4 completions share its prompt row
+    assert all(batch.rows[g * 4 + j] is batch.rows[g * 4] for g in range(3) for j in range(4))
+
+
+def test_informative_groups_and_advantages():
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.5]])
+    assert informative_groups(rewards).tolist() == [False, True, False]
+    lengths = torch.tensor([[3.0, 3.0, 3.0], [2.0, 8.0, 2.0], [1.0, 1.0, 1.0]])
+    grpo = advantages_of(rewards, lengths)
+    assert torch.all(grpo[0] == 0) and grpo[1, 1] > 0
+    token_level = advantages_of(rewards, lengths, token_level=True, fallback=None)
+    assert abs(float((token_level[1] * lengths[1]).sum())) < 1e-5
+    # a fallback below the largest |A| swaps that group back to GRPO's advantages
+    torch.testing.assert_close(advantages_of(rewards, lengths, token_level=True, fallback=0.5)[1], grpo[1])
+
+
+def test_to_padded_and_prompt_order():
+    flat = torch.arange(6.0)
+    assert to_padded(flat, torch.tensor([3, 1, 2])).tolist() == [[0, 1, 2], [3, 0, 0], [4, 5, 0]]
+    order = PromptOrder(10, seed=3, world_size=2, rank=1)
+    assert order.take(0, 3) == PromptOrder(10, 3).take(3, 3)
+    assert sorted(PromptOrder(10, 3).take(0, 10)) == list(range(10))
+
+
+@pytest.fixture
+def rl_recipe(tmp_path, tiny_model_dir):
+    rows = [tasks.prompt_row(p) for p in tasks.make_problems(16, seed=3)]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    (tmp_path / "tiny_rewards.py").write_text(
+        "def vowels(completions, rows):\n    return [sum(c in 'aeiou' for c in t) / (1 + len(t)) for t in completions]\n")
+
+    def make(**rl_overrides):
+        rl = {"num_generations": 4, "prompts_per_step": 2, "max_new_tokens": 6, "generation_batch_size": 2,
+              "rewards": [{"name": "tiny_rewards:vowels"}, {"name": "arithmetic", "weight": 0.5}], **rl_overrides}
+        losses = [{"name": rl.pop("loss", "grpo")}]
+        recipe = {
+            "model": {"name": str(tiny_model_dir), "dtype": "float32"},
+            "data": {"train": {"source": str(prompts)}, "max_length": 96, "max_prompt_length": 80},
+            "method": {"name": "grpo", "losses": losses, "rl": rl},
+            "training": {"learning_rate": 1e-3, "batch_size": 3, "max_steps": 2, "seed": 1, "warmup_ratio": 0.0,
+                         "lr_scheduler": "constant"},
+            "logging": {"progress": False, "tensorboard": False},
+            "checkpointing": {"every": 1, "keep_last": 2},
+            "evaluation": {"task": "arithmetic", "num_prompts": 2, "max_new_tokens": 4, "batch_size": 2},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+        path = tmp_path / "rl.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return make
+
+
+def test_online_run_end_to_end(rl_recipe, tmp_path, monkeypatch, capsys):
+    """Every part at once: HAPO loss + adaptive temperature + token-level advantages, D^3S, dynamic sampling,
+    overlong shaping, truncation masking, 2 passes x 2 mini-batches; then `align plot` of the run."""
+    monkeypatch.chdir(tmp_path)  # the `module:function` reward is imported from the working directory
+    path = rl_recipe(loss="hapo", dynamic_sampling=True, overlong_shaping=True, overlong_buffer=2, mask_truncated=True,
+                     passes=2, mini_batches=2,
+                     d3s={"enabled": True, "m_init": 2, "m_final": 4, "keep_init": 50, "keep_final": 100},
+                     hapo={"adaptive_temperature": True, "token_level_advantage": True})
+    code, out, err = align(monkeypatch, capsys, "train", str(path))
+    assert code == 0, err
+    run_dir = tmp_path / "run"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    first, second = train
+    assert first["d3s/m"] == 2 and first["d3s/keep_percent"] == 50 and second["d3s/m"] == 4
+    assert "hapo/temperature_factor" not in first and "hapo/temperature_factor" in second  # off on step 1
+    for record in train:
+        assert all(k in record for k in ("reward/mean", "reward/tiny_rewards:vowels", "reward/overlong", "loss",
+                                         "clip_ratio/high", "entropy/mean", "grad_norm"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and "task_accuracy" in summary["after"] and summary["loss"]["name"] == "hapo"
+    assert (run_dir / "final_model" / "config.json").exists()
+
+    png = tmp_path / "curves.png"
+    code, out, err = align(monkeypatch, capsys, "plot", str(run_dir), str(run_dir), "--metric", "reward/mean",
+                           "--metric", "eval/task_accuracy", "--label", "a", "--label", "b", "--output", str(png))
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, err = align(monkeypatch, capsys, "plot", str(run_dir), "--metric", "no/such", "--output", str(png))
+    assert code == 2 and "no/such" in err
+
+
+def test_resume_matches_uninterrupted(rl_recipe, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    path = rl_recipe(loss="dapo", d3s={"enabled": True, "m_init": 2, "m_final": 4})
+    path.write_text(path.read_text().replace("task: arithmetic", "task: null"))  # no evaluation: faster
+
+    def run(output, **kwargs):
+        recipe, recipe_path = load_recipe(str(path))
+        return rl_trainer.train_rl(recipe, recipe_path, output_dir=str(tmp_path / output), **kwargs)
+
+    run("straight")
+
+    def stop_after_one(step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        run("resumed", on_step_end=stop_after_one)
+    run("resumed", resume=True)
+    straight = load_file(tmp_path / "straight" / "final_model" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "final_model" / "model.safetensors")
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, msg=name)
+
+
+def test_recipe_validation_of_rl_settings(tmp_path):
+    with pytest.raises(ValueError, match="online RL losses"):
+        Recipe.model_validate({"method": {"name": "dpo", "losses": [{"name": "dapo"}]}})
+    with pytest.raises(ValueError, match="exactly one loss term"):
+        Recipe.model_validate({"method": {"name": "grpo", "losses": [{"name": "dpo"}]}})
+    with pytest.raises(ValueError, match="must not exceed"):
+        Recipe.model_validate({"method": {"name": "grpo", "rl": {"num_generations": 4, "d3s": {"enabled": True}}}})
+    recipe = Recipe.model_validate({"method": {"name": "grpo"}})
+    assert recipe.method.losses[0].name == "grpo" and recipe.method.rl.hapo.entropy_sign == "paper"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"method": {"name": "grpo", "losses": [{"name": "gspo", "eps_hgh": 0.1}]}}))
+    with pytest.raises(UserError, match="eps_high"):
+        load_recipe(str(path))
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "d3s", "hapo"])
+def test_shipped_rl_recipes_validate(name):
+    recipe, _ = load_recipe(name)
+    assert recipe.method.name == "grpo" and recipe.model.name == "builtin:smollm2-135m-instruct"
+    assert recipe.data.train.source == "builtin:arithmetic_prompts"
+    assert any(term.name == "arithmetic" for term in recipe.method.rl.rewards)
