@@ -145,14 +145,16 @@ def report(out: Path, runs: list[str], baseline: str, skip: int, checks: list[st
         results["checks"][name] = json.loads(path.read_text()) if path.exists() else {"completed": False}
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, curve in curves.items():
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (name, curve) in enumerate(curves.items()):
         steps = sorted(curve)
         if not steps:
             continue
-        left.plot(steps, [curve[s] for s in steps], label=name, marker="o", markersize=2.5, linewidth=1.2)
+        style = {"label": name, "color": colours[index % len(colours)], "linewidth": 1.2}
+        left.plot(steps, [curve[s] for s in steps], marker="o", markersize=2.5, **style)
         if name != baseline:
             shared = [s for s in steps if s in base]
-            right.plot(shared, [max(abs(curve[s] - base[s]), 1e-7) for s in shared], label=name, linewidth=1.2)
+            right.plot(shared, [max(abs(curve[s] - base[s]), 1e-7) for s in shared], **style)
     left.set(xlabel="optimiser step", ylabel="DPO loss (mean over the global batch)", title="Same recipe, same global batch")
     right.set(xlabel="optimiser step", ylabel=f"|loss - loss({baseline})|", title="Difference from one GPU")
     right.set_yscale("log")

@@ -19,6 +19,10 @@ HALF=$((GLOBAL_BATCH / 2))
 EXTRA=${EXTRA:-}                   # more --set overrides for every run (CPU smoke tests)
 mkdir -p "$OUT" $W/logs $W/runs $W/checks
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
+bundle() {  # what exists so far, so a command stopped at its limit still returns it
+  (cd $W && tar czf "$OUT/bundle.tar.gz" logs runs/*/metrics.jsonl runs/*/summary.json checks/*.json \
+    checks/*/metrics.jsonl checks/*/summary.json 2>/dev/null)
+}
 if [ -z "$SKIP_INSTALL" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-dist/*.whl \
     2>&1 | tail -3 | tee -a "$OUT/log.txt"
@@ -44,6 +48,7 @@ bench() {  # NAME LIMIT COMMAND...: one timed run with a GPU memory trace
   local peak=$(awk -F', ' '{if ($2 > m[$1]) m[$1] = $2} END {for (g in m) printf "gpu%s=%sMiB ", g, m[g]}' $W/logs/$name.mem)
   log "$name rc=$rc wall=$(( ($(date +%s%N) - start) / 1000000 ))ms peak_memory: $peak saved: $(du -sh $W/runs/$name 2>/dev/null | cut -f1)"
   [ $rc -ne 0 ] && grep -v "Warning\|warn" $W/logs/$name.log | tail -25 >> "$OUT/log.txt"
+  bundle
 }
 B="$W/bench.yaml"
 bench 1gpu 120 env CUDA_VISIBLE_DEVICES=0 $ALIGN train $B --output-dir $W/runs/1gpu --set training.batch_size=$GLOBAL_BATCH $EXTRA
@@ -62,7 +67,7 @@ export LAUNCH CONFIGS B W HALF EXTRA
 bench 2node 120 bash -c two_nodes
 
 # What is left of the command's 10 minutes, less a minute for the report, bounds each check launch.
-LIMIT=$(( (540 - SECONDS) / 2 )); [ $LIMIT -gt 120 ] && LIMIT=120
+LIMIT=$(( (${BUDGET:-540} - SECONDS) / 2 )); [ $LIMIT -gt 120 ] && LIMIT=120
 log "checks: resume and LoRA per engine (tiny model, side by side), ${LIMIT}s per launch"
 T="$W/tiny.yaml"
 port=29600
@@ -87,6 +92,5 @@ for engine in $ENGINES; do
 done
 python3 "$REPO/benchmarks/distributed.py" report --out $W --runs 1gpu $ENGINES 2node --checks $ENGINES > $W/logs/report.log 2>&1 || tail -20 $W/logs/report.log >> "$OUT/log.txt"
 cp $W/results.json $W/distributed_loss_curves.png "$OUT/" 2>/dev/null
-cd $W && tar czf "$OUT/bundle.tar.gz" logs runs/*/metrics.jsonl runs/*/summary.json checks/*.json \
-  checks/*/metrics.jsonl checks/*/summary.json 2>/dev/null
+bundle
 log "done"
