@@ -260,7 +260,7 @@ class TrainingConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="Warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    batch_size: int = Field(8, ge=1, description="Pairs per device per micro-batch.")
+    batch_size: int = Field(8, ge=1, description="Pairs per device per micro-batch (unless max_tokens_per_batch).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     num_epochs: float = Field(1.0, gt=0, description="Passes over the training data (used when max_steps is None).")
     max_steps: Optional[int] = Field(None, ge=1, description="Optimiser steps; overrides num_epochs.")
@@ -271,6 +271,20 @@ class TrainingConfig(Section):
     fused_logprobs: bool = Field(True, description="Compute log-probs with the fused LM-head kernel (no [tokens, vocab] logits).")
     eval_every: Optional[int] = Field(None, ge=1, description="Evaluate on held-out pairs every N steps (and at the end).")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch (None: torch's default).")
+    packing: Literal["auto"] | bool = Field(
+        "auto", description="Pack each micro-batch's sequences padding-free into one row (position ids restart per "
+                            "sequence; FlexAttention block mask on GPU, an explicit mask with sdpa/eager, varlen with "
+                            "flash_attention_2). `auto`: on with CUDA, off on CPU (the explicit mask grows with the "
+                            "square of the row). Log-probs equal the padded layout's (docs/throughput.md).")
+    share_prompt: bool = Field(
+        True, description="With packing: encode each prompt once and let every completion on it (chosen, rejected, "
+                          "gold) attend to that copy. Needs a backend that takes a mask (flex_attention, sdpa, eager).")
+    max_tokens_per_batch: Optional[int] = Field(
+        None, ge=16, description="With packing: fill each micro-batch with whole examples up to this many packed "
+                                 "tokens instead of `batch_size` examples (the order stays a pure function of the "
+                                 "step, so resume is exact). The loss is the mean over each micro-batch's examples.")
+    compile: bool = Field(False, description="torch.compile each decoder layer (one graph shared by all layers); the "
+                                             "first steps pay the compilation.")
 
 
 class LoraConfig(Section):

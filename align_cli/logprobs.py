@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .data.batching import IGNORE, SequenceBatch
+from .data.packing import PackedSequenceBatch
 from .models import output_head, unwrap
 
 
@@ -91,25 +92,37 @@ def _head_scores_labels(head: torch.nn.Module, trained: torch.Tensor, labels: to
             del head.forward
 
 
-def _token_logps_from_logits(model, batch: SequenceBatch, trained, labels, with_entropy: bool):
+def _layout(model, batch: SequenceBatch | PackedSequenceBatch):
+    """(model inputs, trained positions, their labels, their sequences) of a padded or packed batch. A
+    packed batch names its positions (a shared prompt's last one predicts several completions)."""
+    if isinstance(batch, PackedSequenceBatch):
+        from .packed_attention import model_inputs
+
+        positions = (torch.zeros_like(batch.target_positions), batch.target_positions)
+        return model_inputs(model, batch), positions, batch.target_labels, batch.target_sequence
+    trained = batch.targets != IGNORE
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    return inputs, trained, batch.targets[trained], batch.sequence_index[trained]
+
+
+def _token_logps_from_logits(model, inputs: dict, trained, labels, with_entropy: bool):
     """Models that transform logits after the head (soft-capping, logit scale): their own full forward."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logits = model(**inputs, use_cache=False).logits
     log_probs = torch.log_softmax(logits[trained].float(), dim=-1)
     token_logps = log_probs.gather(-1, labels[:, None]).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
     return token_logps, entropy
 
 
-def sequence_logps(model, batch: SequenceBatch, *, fused: bool = True, with_entropy: bool = False) -> SequenceLogps:
+def sequence_logps(model, batch: SequenceBatch | PackedSequenceBatch, *, fused: bool = True,
+                   with_entropy: bool = False) -> SequenceLogps:
     """Forward the model over the batch and sum completion-token log-probs per sequence."""
-    trained = batch.targets != IGNORE
-    labels = batch.targets[trained]
-    sequence = batch.sequence_index[trained]
+    inputs, trained, labels, sequence = _layout(model, batch)
     if _logit_transform_unsupported(model):
-        token_logps, entropy = _token_logps_from_logits(model, batch, trained, labels, with_entropy)
+        token_logps, entropy = _token_logps_from_logits(model, inputs, trained, labels, with_entropy)
     else:
         with _head_scores_labels(output_head(model), trained, labels, fused, with_entropy):
-            scores = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            scores = model(**inputs, use_cache=False).logits
         token_logps, entropy = scores[0], (scores[1] if with_entropy else None)
     sums = torch.zeros(batch.num_sequences, dtype=torch.float32, device=token_logps.device)
     sums = sums.index_add(0, sequence, token_logps.float())

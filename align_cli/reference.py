@@ -36,10 +36,13 @@ def cache_key(identity: dict, data_fingerprint: str, settings: dict) -> str:
 
 
 class LiveReference:
-    """Runs the reference model (or the adapter-disabled policy) without autograd on each batch."""
+    """Runs the reference model (or the adapter-disabled policy) without autograd on each batch, in the
+    batch's own layout (padded or packed). `collate` lays out the batches it precomputes (`compute_rows`):
+    the policy's layout, so cached and live log-probs round alike."""
 
-    def __init__(self, model, context_factory, fused: bool, groups: list[str]):
+    def __init__(self, model, context_factory, fused: bool, groups: list[str], collate=collate_groups):
         self.model, self.context_factory, self.fused, self.groups = model, context_factory, fused, groups
+        self.collate = collate
 
     @torch.no_grad()
     def __call__(self, batch: GroupedBatch) -> dict[str, torch.Tensor]:
@@ -65,7 +68,7 @@ def compute_rows(live: LiveReference, dataset, rows: list[int], pad_id: int, bat
     """Fill `table[group][r]` with reference log-probs for each row index `r` in `rows`."""
     for start in range(0, len(rows), batch_size):
         examples = [dataset[i] for i in rows[start: start + batch_size]]
-        batch = collate_groups(examples, live.groups, pad_id)
+        batch = live.collate(examples, live.groups, pad_id)
         result = live(batch.to(device))
         for name in live.groups:
             table[name][batch.row_index] = result[f"ref_{name}"].float().cpu()

@@ -20,6 +20,7 @@ from .data.sources import load_source
 from .distributed import merge_lora_state_dict, shards_parameters
 from .errors import UserError
 from .models import apply_lora, freeze, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_location, unwrap
+from .throughput import check_settings, compile_layers, model_config_for
 
 
 @dataclass
@@ -152,7 +153,9 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
     with accelerator.main_process_first():
         train_data, eval_data, report = load_data(recipe, tokenizer, settings)
     dtype = resolve_dtype(recipe.model.dtype)
-    policy = load_causal_lm(recipe.model.name, recipe.model, dtype)
+    check_settings(recipe.training)
+    model_config = model_config_for(recipe.model, recipe.training)  # attention backend for packed rows
+    policy = load_causal_lm(recipe.model.name, model_config, dtype)
     if recipe.training.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference_name = recipe.reference.name
@@ -161,8 +164,12 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
         policy = apply_lora(policy, recipe.peft)
         if reference_name is None:
             reference_model, context = policy, unwrap(policy).disable_adapter
+    if recipe.training.compile:
+        compile_layers(policy)
     if reference_model is None and needs_reference:
-        reference_model = freeze(load_causal_lm(reference_name or recipe.model.name, recipe.model, dtype))
+        reference_model = freeze(load_causal_lm(reference_name or recipe.model.name, model_config, dtype))
+        if recipe.training.compile and not recipe.reference.precompute:
+            compile_layers(reference_model)
         if not shards_parameters(accelerator):  # else sharded after the policy (distributed.prepare_reference)
             reference_model.to(accelerator.device)
     return RunInputs(recipe, run_dir, accelerator, tokenizer, settings, train_data, eval_data, report, policy,

@@ -28,6 +28,7 @@ from .metrics import MetricsLog, progress_bar
 from .objective import Objective
 from .reference import LiveReference, cache_key, cached_or_computed, model_identity
 from .run_setup import RunInputs, prepare_run
+from .throughput import collate_for, data_order
 
 
 class Interrupted(Exception):
@@ -78,7 +79,7 @@ def build_reference(run: RunInputs, objective: Objective, train_rows: list[int])
         return None, {}
     recipe, accelerator = run.recipe, run.accelerator
     live = LiveReference(run.reference_model, run.reference_context, recipe.training.fused_logprobs,
-                         objective.reference_groups)
+                         objective.reference_groups, collate_for(recipe.training, collate_groups))
     if not recipe.reference.precompute:
         return live, {"reference": "live"}
     providers, computed = {}, {}
@@ -141,8 +142,9 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
     run = prepare_run(recipe, recipe_path, output_dir, resume, overwrite, objective.needs_reference,
                       objective.policy_groups)
     accelerator, training = run.accelerator, recipe.training
-    order = DataOrder(len(run.train_data), training.batch_size, training.seed,
-                      accelerator.num_processes, accelerator.process_index)
+    order = data_order(training, run.train_data, objective.policy_groups, accelerator.num_processes,
+                       accelerator.process_index)
+    collate = collate_for(training, collate_groups)  # packed rows, or padded ones
     if order.batches_per_epoch == 0:
         raise UserError(f"The training data has {len(run.train_data)} rows, fewer than one global batch "
                         f"({training.batch_size} x {accelerator.num_processes} processes). Lower training.batch_size.")
@@ -202,8 +204,8 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
                 step_tokens, step_metrics = 0, []
                 for _ in range(training.gradient_accumulation_steps):
                     rows = order.batch(state["micro_batch"])
-                    batch = collate_groups([run.train_data[i] for i in rows], objective.policy_groups,
-                                           run.tokenizer.pad_token_id).to(accelerator.device)
+                    batch = collate([run.train_data[i] for i in rows], objective.policy_groups,
+                                    run.tokenizer.pad_token_id).to(accelerator.device)
                     with accelerator.accumulate(model):
                         loss, metrics, _ = objective_forward(model, batch, objective, train_reference,
                                                              training.fused_logprobs)

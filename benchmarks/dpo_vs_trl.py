@@ -1,0 +1,580 @@
+"""Benchmark: DPO training steps, TRL 1.16 DPOTrainer against ours, same GPU, same work (not a test).
+
+    python benchmarks/dpo_vs_trl.py [--out DIR] [--quick] [--deadline SECONDS]
+
+Models are random-init from config only (Qwen2.5-0.5B and Llama-3.2-1B shapes, bf16 weights). Data
+is synthetic: prompt 64-512 tokens, chosen and rejected 32-1024 each (uniform, random token ids, an
+end token last), written as text of one word per token id for TRL's tokenizer, so both trainers see
+exactly the same token ids. Same global batch (8 pairs), max length (1536), bf16, optimizer (torch
+AdamW, lr 1e-5 constant, betas 0.9/0.999, no weight decay, clip 1.0), DPO sigmoid loss, beta 0.1, the
+same batches in the same order (TRL's sampler made sequential), same initial weights.
+
+  trl           DPOTrainer, its defaults: fused LM head, gradient checkpointing, reference model copy
+                (handed to it as `ref_model`: it would reload one from the model's path, which a
+                random-init model lacks)
+  ours          our default on GPU: packed rows (FlexAttention block mask), prompt shared by chosen and
+                rejected, fused log-prob kernel, live reference run without autograd on the same packed
+                row; gradient checkpointing on (as TRL)
+  ours cached   the same with reference log-probs precomputed to the disk cache (reference model freed)
+  trl cached    DPOTrainer with precompute_ref_log_probs (no reference model kept)
+  ours compile  ours with training.compile (torch.compile of each decoder layer); also cached, and
+                without activation checkpointing
+
+Tokens/s counts the tokens of the chosen and rejected sequences as TRL runs them (prompt + completion
+of each, no padding): the same number for every trainer on the same batches. MFU = F x tokens/s /
+989e12 (H100 bf16 dense peak) with F = 8N per token when a reference forward runs (6N policy + 2N
+reference) and 6N with cached reference log-probs; N counts every parameter once (tied embeddings
+once). Ours also reports `run tok/s`, the tokens it actually ran (each prompt once). Peak memory is the
+maximum allocated by torch during the run (weights, reference, optimizer states, activations), less
+what was allocated before it started. Times are per optimizer step with a CUDA sync; a run is warm-up
+steps, then 3 windows over the same unique batches; the table reports the median window.
+
+Scaling: Qwen shape, prompt 256, chosen = rejected length L in {256, 1024, 4096}, 4 pairs per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import traceback
+import zlib
+
+import torch
+
+PEAK_FLOPS = 989e12
+PAD, EOS, UNK = 0, 1, 2
+
+SHAPES = {
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2",
+        "vocab_size": 151936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1e6,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
+    "llama-3.2-1b": {
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
+}
+TINY = {
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+}
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def synthetic_pairs(count: int, vocab: int, seed: int, prompt=(64, 512), completion=(32, 1024), fixed=None):
+    """Pairs of token ids; `fixed=(prompt, completion)` gives exact lengths (scaling runs)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(bounds, exact):
+        length = (
+            exact
+            if exact is not None
+            else int(torch.randint(bounds[0], bounds[1] + 1, (1,), generator=generator))
+        )
+        return torch.randint(3, vocab, (length,), generator=generator).tolist()
+
+    rows = []
+    for i in range(count):
+        prompt_ids = draw(prompt, fixed and fixed[0])
+        chosen = draw(completion, fixed and fixed[1] - 1) + [EOS]
+        rejected = draw(completion, fixed and fixed[1] - 1) + [EOS]
+        rows.append(
+            {"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected, "row_index": i}
+        )
+    return rows
+
+
+def sequence_tokens(rows) -> int:
+    return sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+
+
+def word_tokenizer(vocab: int):
+    """One word per token id (`t123`), so TRL's text pipeline reproduces our ids exactly."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": PAD, "<eos>": EOS, "<unk>": UNK, **{f"t{i}": i for i in range(3, vocab)}}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def as_text(ids) -> str:
+    return " ".join("<eos>" if i == EOS else f"t{i}" for i in ids)
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def build_model(shape: dict, device, dtype, attention: str | None = None):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(shape)
+    config = AutoConfig.for_model(
+        settings.pop("model_type"), **settings, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS
+    )
+    torch.manual_seed(0)
+    kwargs = {"attn_implementation": attention} if attention else {}
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    return model
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def memory_baseline(device) -> int:
+    gc.collect()
+    if device.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def peak_memory(device, baseline: int) -> float:
+    return (torch.cuda.max_memory_allocated() - baseline) / 2**30 if device.type == "cuda" else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ TRL
+
+
+def run_trl(
+    spec: dict, schedule: list[list[dict]], settings: dict, device, dtype, *, cached: bool = False
+) -> dict:
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class SequentialDPOTrainer(DPOTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    times, losses = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            sync(device)
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync(device)
+            times.append(time.perf_counter() - self.started)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    baseline = memory_baseline(device)
+    model = build_model(spec["shape"], device, dtype)
+    rows = [row for batch in schedule for row in batch]
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": as_text(r["prompt_ids"]),
+                "chosen": " " + as_text(r["chosen_ids"]),
+                "rejected": " " + as_text(r["rejected_ids"]),
+            }
+            for r in rows
+        ]
+    )
+    output = tempfile.mkdtemp(prefix="trl-bench-")
+    config = DPOConfig(
+        output_dir=output,
+        per_device_train_batch_size=settings["pairs"],
+        gradient_accumulation_steps=1,
+        max_steps=len(schedule),
+        learning_rate=settings["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        bf16=dtype == torch.bfloat16,
+        gradient_checkpointing=settings["checkpointing"],
+        max_length=settings["max_length"],
+        beta=0.1,
+        loss_type=["sigmoid"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_dropout=True,
+        use_cpu=device.type == "cpu",
+        precompute_ref_log_probs=cached,
+        precompute_ref_batch_size=settings["pairs"],
+    )
+    # TRL would rebuild the reference from the model's path; a random-init model has none, so hand it the
+    # copy it would have built (same weights, same dtype, frozen under no_grad by TRL). With precomputed
+    # log-probs TRL keeps no reference model and scores with the policy before training.
+    reference = None if cached else copy.deepcopy(model)
+    trainer = SequentialDPOTrainer(
+        model=model,
+        ref_model=reference,
+        args=config,
+        train_dataset=dataset,
+        processing_class=word_tokenizer(spec["shape"]["vocab_size"]),
+        callbacks=[Clock()],
+    )
+    parameters = parameter_count(model)
+    del reference
+    trainer.train()
+    peak = peak_memory(device, baseline)
+    del trainer, model
+    return {"times": times, "losses": losses, "peak_gib": peak, "parameters": parameters}
+
+
+# ----------------------------------------------------------------------------------------------- ours
+
+
+def run_ours(
+    spec: dict,
+    schedule: list[list[dict]],
+    settings: dict,
+    device,
+    dtype,
+    *,
+    cached: bool,
+    checkpointing: bool = True,
+    compile_model: bool = False,
+) -> dict:
+    from accelerate import Accelerator
+
+    from align_cli.config import LossTerm, TrainingConfig
+    from align_cli.models import freeze
+    from align_cli.objective import Objective
+    from align_cli.packed_attention import register_backend
+    from align_cli.reference import LiveReference, cached_or_computed
+    from align_cli.throughput import collate_for, compile_layers
+    from align_cli.trainer import objective_forward
+
+    training = TrainingConfig(
+        packing=True,
+        share_prompt=True,
+        gradient_checkpointing=checkpointing,
+        compile=compile_model,
+        learning_rate=settings["lr"],
+        batch_size=settings["pairs"],
+    )
+    baseline = memory_baseline(device)
+    attention = register_backend() if device.type == "cuda" else "sdpa"
+    model = build_model(spec["shape"], device, dtype, attention)
+    parameters = parameter_count(model)
+    if checkpointing:  # as run_setup.prepare_run does
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference_model = freeze(copy.deepcopy(model))
+    if compile_model:
+        compile_layers(model)
+        if not cached:  # a precomputed reference runs once: not worth compiling
+            compile_layers(reference_model)
+    objective = Objective([LossTerm(name="dpo", beta=0.1)])
+    collate = collate_for(training)
+    live = LiveReference(reference_model, contextlib.nullcontext, True, objective.reference_groups, collate)
+    accelerator = Accelerator(
+        mixed_precision="bf16" if dtype == torch.bfloat16 else "no", cpu=device.type == "cpu"
+    )
+    precompute_seconds = None
+    if cached:
+        unique = {r["row_index"]: r for batch in schedule for r in batch}
+        dataset = [unique[i] for i in range(len(unique))]
+        started = time.perf_counter()
+        reference, _ = cached_or_computed(
+            live,
+            dataset,
+            list(range(len(dataset))),
+            PAD,
+            settings["pairs"],
+            device,
+            f"bench-{time.time_ns()}",
+            tempfile.mkdtemp(prefix="ref-cache-"),
+        )
+        sync(device)
+        precompute_seconds = time.perf_counter() - started
+        del live, reference_model
+        baseline = memory_baseline(device) - parameter_bytes(model)  # the policy stays counted
+    else:
+        reference = live
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=training.learning_rate,
+        betas=training.adam_betas,
+        weight_decay=training.weight_decay,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    times, losses, run_tokens = [], [], []
+    for rows in schedule:
+        sync(device)
+        started = time.perf_counter()
+        batch = collate(rows, objective.policy_groups, PAD).to(device)
+        loss, _, _ = objective_forward(model, batch, objective, reference, training.fused_logprobs)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        sync(device)
+        times.append(time.perf_counter() - started)
+        run_tokens.append(int(batch.sequences.attention_mask.sum()))
+    peak = peak_memory(device, baseline)
+    del model, optimizer, reference
+    return {
+        "times": times,
+        "losses": losses,
+        "peak_gib": peak,
+        "parameters": parameters,
+        "run_tokens": run_tokens,
+        "precompute_seconds": precompute_seconds,
+    }
+
+
+def parameter_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ------------------------------------------------------------------------------------------- summary
+
+
+def summarise(name: str, result: dict, schedule, warmup: int, unique: int, flops_per_param: int) -> dict:
+    tokens = [sequence_tokens(rows) for rows in schedule]
+
+    def window_rates(counts):
+        rates = []
+        for start in range(warmup, len(schedule), unique):
+            stop = start + unique
+            if stop <= len(result["times"]):
+                rates.append(sum(counts[start:stop]) / sum(result["times"][start:stop]))
+        return rates
+
+    windows = window_rates(tokens)
+    tokens_per_second = statistics.median(windows) if windows else float("nan")
+    summary = {
+        "name": name,
+        "tokens_per_second": tokens_per_second,
+        "windows": windows,
+        "mfu": flops_per_param * result["parameters"] * tokens_per_second / PEAK_FLOPS,
+        "flops_per_token": f"{flops_per_param}N",
+        "peak_gib": result["peak_gib"],
+        "loss_first": result["losses"][0] if result["losses"] else None,
+        "loss_last": result["losses"][-1] if result["losses"] else None,
+        "losses": result["losses"],
+        "step_seconds": result["times"],
+        "parameters": result["parameters"],
+    }
+    if result.get("run_tokens"):  # the same windows, counting the tokens ours ran (each prompt once)
+        summary["run_tokens_per_second"] = statistics.median(window_rates(result["run_tokens"]))
+        summary["precompute_seconds"] = result.get("precompute_seconds")
+    return summary
+
+
+def versions() -> dict:
+    import accelerate
+    import transformers
+    import trl
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "accelerate": accelerate.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M UTC"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        ("| experiment | trainer | tokens/s | vs TRL | MFU | F/token | peak GiB | vs TRL | loss step 1 | "
+        "loss last | run tok/s | windows tok/s |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    baselines = {r["experiment"]: r for r in results if r["name"] == "trl" and "error" not in r}
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['experiment']} | {r['name']} | failed: {r['error'][:80]} |" + " |" * 9)
+            continue
+        base = baselines.get(r["experiment"])
+        speed = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else ""
+        memory = f"{r['peak_gib'] / base['peak_gib']:.2f}x" if base else ""
+        run = f"{r['run_tokens_per_second']:.0f}" if "run_tokens_per_second" in r else ""
+        windows = " / ".join(f"{w / 1e3:.1f}k" for w in r["windows"])
+        lines.append(
+            f"| {r['experiment']} | {r['name']} | {r['tokens_per_second']:.0f} | {speed} | "
+            f"{100 * r['mfu']:.1f}% | {r['flops_per_token']} | {r['peak_gib']:.2f} | {memory} | "
+            f"{r['loss_first']:.4f} | {r['loss_last']:.4f} | {run} | {windows} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--quick", action="store_true", help="CPU smoke test: tiny model, few steps, fp32")
+    parser.add_argument(
+        "--deadline", type=float, default=float("inf"), help="skip experiments after this many s"
+    )
+    parser.add_argument("--only", default=None, help="comma-separated experiment names")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    info = versions()
+    print(json.dumps(info), flush=True)
+    started = time.time()
+    warmup, unique, windows = (2, 4, 3) if not args.quick else (1, 2, 1)
+
+    experiments = []  # (experiment, shape, pairs, max_length, data kwargs, variants)
+    main_variants = [
+        ("trl", {}),
+        ("ours", {"cached": False}),
+        ("ours cached", {"cached": True}),
+        ("trl cached", {"cached": True}),
+    ]
+    if args.quick:
+        experiments.append(("tiny", TINY, 4, 256, {"prompt": (8, 64), "completion": (4, 128)}, main_variants))
+    else:
+        for shape in ("qwen2.5-0.5b", "llama-3.2-1b"):
+            experiments.append((shape, SHAPES[shape], 8, 1536, {}, main_variants))
+        compiled = [
+            ("ours compile", {"cached": False, "compile_model": True}),
+            ("ours compile cached", {"cached": True, "compile_model": True}),
+        ]
+        experiments[0] = experiments[0][:5] + (main_variants + compiled,)
+        experiments[1] = experiments[1][:5] + (
+            main_variants
+            + compiled
+            + [("ours compile no-ckpt", {"cached": False, "compile_model": True, "checkpointing": False})],
+        )
+        for length in (4096, 1024, 256):
+            experiments.append(
+                (
+                    f"qwen2.5-0.5b L={length}",
+                    SHAPES["qwen2.5-0.5b"],
+                    4,
+                    256 + length,
+                    {"fixed": (256, length)},
+                    [
+                        ("trl", {}),
+                        ("ours", {"cached": False}),
+                        ("ours compile", {"cached": False, "compile_model": True}),
+                    ],
+                )
+            )
+    if args.only:
+        wanted = set(args.only.split(","))
+        experiments = [e for e in experiments if e[0] in wanted]
+
+    results = []
+    path = os.path.join(args.out, "dpo_vs_trl.jsonl")
+    for experiment, shape, pairs, max_length, data, variants in experiments:
+        rows = synthetic_pairs(
+            unique * pairs, shape["vocab_size"], seed=zlib.crc32(experiment.encode()), **data
+        )
+        batches = [rows[i * pairs : (i + 1) * pairs] for i in range(unique)]
+        schedule = [batches[k % unique] for k in range(warmup + unique * windows)]
+        settings = {"pairs": pairs, "max_length": max_length, "lr": 1e-6, "checkpointing": True}
+        for name, options in variants:
+            if time.time() - started > args.deadline:
+                print(f"deadline: skipping {experiment} / {name}", flush=True)
+                continue
+            spec = {"shape": shape}
+            print(f"== {experiment} / {name}", flush=True)
+            begun = time.time()
+            try:
+                if name.startswith("trl"):
+                    result = run_trl(spec, schedule, settings, device, dtype, **options)
+                else:
+                    result = run_ours(spec, schedule, settings, device, dtype, **options)
+                flops = 6 if options.get("cached") else 8
+                summary = summarise(name, result, schedule, warmup, unique, flops)
+            except Exception as error:  # noqa: BLE001 -- one failed variant must not lose the others
+                traceback.print_exc()
+                summary = {"name": name, "error": f"{type(error).__name__}: {error}"}
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            summary.update(
+                experiment=experiment,
+                pairs=pairs,
+                max_length=max_length,
+                wall_seconds=round(time.time() - begun, 1),
+            )
+            results.append(summary)
+            with open(path, "a") as handle:
+                handle.write(json.dumps(summary) + "\n")
+            if "error" not in summary:
+                print(
+                    f"   {summary['tokens_per_second']:.0f} tok/s, MFU {100 * summary['mfu']:.1f}%, "
+                    f"peak {summary['peak_gib']:.2f} GiB, loss {summary['loss_first']:.4f} -> "
+                    f"{summary['loss_last']:.4f}, steps {[round(t, 3) for t in summary['step_seconds']]}, "
+                    f"{summary['wall_seconds']} s",
+                    flush=True,
+                )
+    markdown = table(results)
+    with open(os.path.join(args.out, "dpo_vs_trl.md"), "w") as handle:
+        handle.write(json.dumps(info) + "\n\n" + markdown + "\n")
+    print(markdown)
+    print(f"total {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
