@@ -4,6 +4,7 @@ models in one directory, SRPO revisions, and input errors."""
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -66,15 +67,15 @@ def test_run_directory_and_a_second_model_in_the_same_directory(tmp_path, tiny_m
     assert first["report"] == second["report"] and "dpo-run" in (out / "report.md").read_text()
 
 
-def test_revisions_chain_answers_through_the_template(tmp_path, tiny_model_dir):
+def test_revisions_chain_answers_through_srpo_templates(tmp_path, tiny_model_dir):
     out = tmp_path / "evals"
-    summary = run_evaluation(_settings(tiny_model_dir, out, limit=2, revisions=2,
-                                       revision_template="Improve: {previous}\nTask: {instruction}"))
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "srpo.yaml"  # SRPO's templates, as align generate
+    summary = run_evaluation(_settings(tiny_model_dir, out, limit=2, revisions=2, recipe=str(recipe)))
     assert summary["name"].endswith("+revisions2")
     rows = read_records(out / summary["name"] / "model_outputs.json")
     assert all(len(row["revisions"]) == 3 and row["output"] == row["revisions"][-1] for row in rows)
-    with pytest.raises(UserError, match="previous"):
-        run_evaluation(_settings(tiny_model_dir, tmp_path / "other", limit=1, revisions=1, revision_template="{instruction}"))
+    resumed = run_evaluation(_settings(tiny_model_dir, out, limit=2, revisions=2, recipe=str(recipe)))
+    assert resumed["generated_now"] == 0
 
 
 def test_input_errors_come_before_generation(tmp_path, tiny_model_dir):

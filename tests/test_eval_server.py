@@ -184,8 +184,7 @@ def judge_server(request, tmp_path_factory):
 def _pairs() -> list[dict]:
     return [{"instruction": "What is the capital of France?", "output_1": "The capital of France is Paris.",
              "output_2": "I am not sure, maybe Lyon."},
-            {"instruction": "Name a primary colour.", "output_1": "Banana.", "output_2": "Red is a primary colour."},
-            {"instruction": "What is 2 + 2?", "output_1": "2 + 2 = 5", "output_2": "2 + 2 = 4"}]
+            {"instruction": "Name a primary colour.", "output_1": "Banana.", "output_2": "Red is a primary colour."}]
 
 
 def test_weighted_verdicts_from_a_real_server(judge_server, tmp_path):
@@ -195,7 +194,8 @@ def test_weighted_verdicts_from_a_real_server(judge_server, tmp_path):
 
     judge = OpenAIJudge(SERVED_NAME, judge_server, concurrency=2, cache=JudgmentCache(tmp_path / "cache.jsonl"))
     judgments = judge.judge(_pairs())
-    assert judge.requests_made == 3
+    assert judge.requests_made == 2
+    assert [j["raw_completion"]["is_switched_outputs"] for j in judgments] == [False, True]  # seed 0: both orders
     for judgment in judgments:
         raw = judgment["raw_completion"]
         assert raw["parsed_from"] == "logprobs"  # the server returned top log-probs with m or M among them
@@ -223,8 +223,8 @@ def test_align_eval_with_the_openai_judge(judge_server, tmp_path, tiny_model_dir
                             cache_path=tmp_path / "evals" / "judge_cache.jsonl"),
         name="tiny", sampling=SamplingSettings(max_new_tokens=8, batch_size=4))
     first = run_evaluation(settings)
-    assert first["annotator"] == f"openai:{SERVED_NAME}" and first["n_total"] == 3
-    assert first["judge_requests"] == 3 and first["verdicts_from_logprobs"] == 3
+    assert first["annotator"] == f"openai:{SERVED_NAME}" and first["n_total"] == 2
+    assert first["judge_requests"] == 2 and first["verdicts_from_logprobs"] == 2
     annotations = read_records(tmp_path / "evals" / "tiny" / f"openai_{SERVED_NAME}" / "annotations.json")
     assert all(1.0 <= row["preference"] <= 2.0 for row in annotations)
     second = run_evaluation(settings)  # everything cached: nothing generated, nothing paid

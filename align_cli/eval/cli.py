@@ -43,7 +43,7 @@ def evaluate(
     instructions: Optional[str] = typer.Option(None, "--instructions", help="alpaca_eval JSON/JSONL {instruction, output, generator, dataset}, or builtin:NAME[:SPLIT] (default split: test)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="Reference outputs (alpaca_eval format), joined on the instruction text. Default: the instruction file's own `output` (gold answers for builtin sets)."),
     judge: Optional[str] = typer.Option(None, "--judge", help="rule | reward_model | openai."),
-    output_dir: Path = typer.Option(Path("evals"), "--output-dir", help="Evaluation directory; several models can share one."),
+    output_dir: Path = typer.Option(Path("runs/eval"), "--output-dir", help="Evaluation directory; several models can share one."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name in outputs and leaderboard (default: from --model)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N instructions."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
@@ -53,8 +53,8 @@ def evaluate(
     seed: int = typer.Option(0, "--seed", help="Sampling seed, and the seed of the judge's output-order randomisation."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16."),
-    revisions: int = typer.Option(0, "--revisions", min=0, help="SRPO: revise each answer K times with the revision template."),
-    revision_template: Optional[str] = typer.Option(None, "--revision-template", help="Text or file with {instruction} and {previous} (default: docs/eval.md)."),
+    revisions: int = typer.Option(0, "--revisions", min=0, help="SRPO self-revision: revise each answer K times; the last revision is judged."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Take SRPO's prompt templates and the system prompt from this recipe (default: the recipe.yaml of the model's run directory)."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="reward_model: a local model directory; openai: the served model name."),
     judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL, else https://api.openai.com/v1)."),
     judge_api_key_env: str = typer.Option("OPENAI_API_KEY", "--judge-api-key-env", help="Environment variable holding the API key (unset: no key sent)."),
@@ -86,7 +86,7 @@ def evaluate(
         timeout=judge_timeout, cache_path=judge_cache or output_dir / "judge_cache.jsonl", batch_size=batch_size)
     settings = EvalSettings(
         model=model, instructions=instructions, judge=judge_settings, output_dir=output_dir, reference=reference,
-        name=name, limit=limit, system_prompt=system_prompt, revisions=revisions, revision_template=revision_template,
+        name=name, limit=limit, system_prompt=system_prompt, revisions=revisions, recipe=recipe,
         difficulty=difficulty, dtype=dtype,
         sampling=SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                   batch_size=batch_size))

@@ -1,4 +1,4 @@
-"""Prompt texts: AlpacaEval 2's weighted pairwise judge, and the default SRPO revision template.
+"""The judge prompt of AlpacaEval 2's weighted pairwise judge.
 
 The judge prompt is alpaca_eval's `evaluators_configs/alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt`
 (tatsu-lab/alpaca_eval, Apache-2.0), split into its system and user messages: the verdict is one
@@ -44,16 +44,6 @@ Evaluate the models based on the quality and relevance of their outputs, and sel
 
 ## Best Model Identifier
 '''
-
-# SRPO (Choi et al., 2025) revises an answer given the prompt and the previous answer. The trainer has no
-# revision template of its own yet, so evaluation ships this one; `--revision-template` replaces it.
-# Placeholders: {instruction} and {previous}.
-REVISION_TEMPLATE = (
-    "{instruction}\n\n"
-    "Here is a previous answer to this request:\n\n{previous}\n\n"
-    "Write an improved answer to the request. Reply with the answer only."
-)
-
 
 def judge_messages(instruction: str, first: str, second: str) -> list[dict]:
     """Chat messages asking which of two outputs, shown in this order, is better."""

@@ -17,6 +17,7 @@ from typing import Optional
 
 from ..errors import UserError
 from ..generation import SamplingSettings
+from ..srpo import templates_for_model
 from .answers import generate_outputs
 from .formats import join_references, load_difficulty, load_instruction_set, write_json
 from .judges import JudgeSettings, make_judge
@@ -36,7 +37,7 @@ class EvalSettings:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     system_prompt: Optional[str] = None
     revisions: int = 0
-    revision_template: Optional[str] = None
+    recipe: Optional[str] = None         # SRPO templates and system prompt (default: the run directory's recipe)
     difficulty: Optional[str] = None
     dtype: str = "auto"
 
@@ -127,9 +128,10 @@ def run_evaluation(settings: EvalSettings) -> dict:
     model_location = resolve_model_dir(settings.model)
     name = settings.name or default_name(model_location, settings.revisions)
     model_dir = settings.output_dir / safe_name(name)
+    templates, recipe_system_prompt, _ = templates_for_model(model_location, settings.recipe)
     outputs, generated = generate_outputs(_loader(model_location, settings.dtype), rows, name,
-                                          model_dir / "model_outputs.json", settings.sampling, settings.system_prompt,
-                                          settings.revisions, settings.revision_template)
+                                          model_dir / "model_outputs.json", settings.sampling, templates,
+                                          settings.system_prompt or recipe_system_prompt, settings.revisions)
 
     pairs = _pairs(rows, references, outputs, name)
     judgments = judge.judge(pairs)
