@@ -56,6 +56,10 @@ def train(
         raise typer.Exit(relaunch(accelerate_config, num_processes, argv))
     if loaded.method.name == "grpo":  # online RL has its own loop
         from .rl.trainer import train_rl as run_training
+    if loaded.method.name in ("apo", "curry_dpo"):  # iterative loops around the pairwise trainer
+        from .iterative import METHODS
+
+        run_training = METHODS[loaded.method.name]
     try:
         summary = run_training(loaded, path, output_dir, resume, overwrite)
     except Interrupted as stop:

@@ -223,17 +223,92 @@ class RLConfig(Section):
 RL_LOSS_NAMES = ("grpo", "dapo", "gspo", "hapo")
 
 
+class RankerConfig(Section):
+    """How iterative methods score sampled responses (align_cli/rankers.py); equal scores are ties and make no pair."""
+
+    name: Literal["rule", "reward_model", "judge"] = Field(
+        "rule", description="`rule`: the shipped task's verifier (needs an `answer` per prompt): 1 exactly right, 0.5 the "
+                            "right result in a wrong format, 0.25 a wrong result in the bare-equation format, 0 else. "
+                            "`reward_model`: a Hugging Face sequence-classification model (`model`), batched. `judge`: "
+                            "an OpenAI-compatible endpoint judging every pair of a prompt's responses (round robin; a "
+                            "response's score is its summed win probability), with retries and a disk cache in the run dir.")
+    model: Optional[str] = Field(None, description="`reward_model`: the model directory. `judge`: the model name the "
+                                                   "endpoint serves.")
+    base_url_env: str = Field("ALIGN_JUDGE_BASE_URL", description="`judge`: environment variable holding the endpoint's "
+                                                                  "base URL (e.g. http://127.0.0.1:8000/v1).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="`judge`: environment variable holding the API key (sent only "
+                                                           "in the Authorization header; local servers need none).")
+    batch_size: int = Field(16, ge=1, description="`reward_model`: sequences per forward.")
+    concurrency: int = Field(4, ge=1, description="`judge`: requests in flight at once.")
+    max_retries: int = Field(5, ge=0, description="`judge`: retries per request, with exponential backoff.")
+
+
+class SamplingConfig(Section):
+    """Sampling responses for iterative methods (align_cli/sampling.py)."""
+
+    samples_per_prompt: int = Field(5, ge=2, description="K responses sampled per prompt (5 in the SPPO/APO pipelines).")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling threshold.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest sampled response in tokens.")
+    generation_batch_size: int = Field(16, ge=1, description="Prompts per generate call (each yields K responses).")
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="`auto`: vLLM when it is installed and a GPU is present, else transformers `generate`; "
+                            "APO's extrapolated_logits always runs on transformers (two models per decoding step).")
+    ranker: RankerConfig = Field(default_factory=RankerConfig, description="Scores the sampled responses.")
+
+
+class ApoConfig(SamplingConfig):
+    """APO (He, Yuan, Gu 2024; ALGORITHMS.md 6): T iterations of sample -> rank -> best vs worst -> proximal step
+    with the extrapolated reference. `data.train` holds the prompts (with `answer` for the rule ranker); `data.eval`
+    (pairs), when given, is each iteration's held-out pair set; `evaluation` measures task accuracy per iteration."""
+
+    iterations: int = Field(3, ge=1, description="T: generate-rank-train iterations.")
+    prompts_per_iteration: int = Field(64, ge=1, description="Prompts sampled per iteration: iteration t takes the t-th "
+                                                            "block of data.train (fresh prompts, wrapping around).")
+    alpha: float = Field(0.3, ge=0, description="Momentum: the anchor of iteration t+1 is (1+alpha)*logp(pihat_t) - "
+                                                "alpha*logp(pihat_{t-1}), computed exactly from the two checkpoints. "
+                                                "0: plain iterative DPO.")
+    sample_from: Literal["extrapolated_logits", "extrapolated_weights", "policy"] = Field(
+        "extrapolated_logits", description="Which policy samples iteration t+1's responses: per-token logits "
+                                           "(1+alpha)*z_t - alpha*z_{t-1} (both checkpoints run while decoding), the "
+                                           "weights theta_t + alpha*(theta_t - theta_{t-1}) (cheap heuristic), or the "
+                                           "trained pihat_t. The first iteration always samples the starting model.")
+
+
+class CurryConfig(SamplingConfig):
+    """Curry-DPO (Pattnaik et al. 2024; ALGORITHMS.md 5): several pairs per prompt (best vs each lower-rated),
+    trained easy to hard. The sampling keys and `ranker` apply with `responses: generated`."""
+
+    variant: Literal["iterative", "single_stage"] = Field(
+        "iterative", description="`iterative`: stage k trains on the k-th easiest pair of every prompt, from stage k-1's "
+                                 "model, which is also its reference. `single_stage`: one unshuffled easy-to-hard pass "
+                                 "over all pairs with the fixed starting reference.")
+    criterion: Literal["rating_gap", "reference_margin"] = Field(
+        "rating_gap", description="Easiest first by the largest rating gap, or by the starting reference's largest "
+                                  "log-prob margin logp(chosen) - logp(rejected) (computed once, before stage 1).")
+    stages: Optional[int] = Field(None, ge=1, description="Use only the first N difficulty levels; None: all (N-1 for "
+                                                          "N responses per prompt).")
+    responses: Literal["rated", "generated"] = Field(
+        "rated", description="`rated`: data.train rows hold rated responses (`columns.completions`, with `response` "
+                             "and `score` keys). `generated`: data.train holds prompts; samples_per_prompt responses "
+                             "are sampled from the starting model and scored by the ranker.")
+
+
 class MethodConfig(Section):
-    name: Literal["dpo", "tpo", "srpo", "grpo"] = Field(
+    name: Literal["dpo", "tpo", "srpo", "grpo", "apo", "curry_dpo"] = Field(
         "dpo", description="Training method; all three run the same offline pairwise trainer. `dpo`: any pairwise loss "
                            "(dpo, ipo, fdpo, ...). `tpo`: triple data (gold, chosen, rejected), reference-free. `srpo`: "
                            "pairs plus self-revision sequences, and revision evaluation. Without `losses`, the loss of "
                            "the same name is used. `grpo`: online RL (align_cli/rl) with one loss term `grpo`, "
-                           "`dapo`, `gspo` or `hapo` and the `rl` section.")
+                           "`dapo`, `gspo` or `hapo` and the `rl` section. `apo` and `curry_dpo`: iterative loops "
+                           "around the pairwise trainer (align_cli/iterative) with the `apo` / `curry_dpo` section.")
     losses: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="dpo")],
                                    description="Loss terms: `- {name: dpo, weight: 1.0, beta: 0.1}`; the loss is sum_i weight_i * mean(loss_i).")
     srpo: SrpoConfig = Field(default_factory=SrpoConfig, description="SRPO's prompt templates and revision evaluation.")
     rl: RLConfig = Field(default_factory=RLConfig, description="Online RL (`name: grpo`): sampling, rewards, D^3S, HAPO.")
+    apo: ApoConfig = Field(default_factory=ApoConfig, description="APO (`name: apo`): iterations, sampling, ranker, momentum.")
+    curry_dpo: CurryConfig = Field(default_factory=CurryConfig, description="Curry-DPO (`name: curry_dpo`): curriculum "
+                                                                             "variant, ordering criterion, responses.")
 
     @model_validator(mode="before")
     @classmethod
@@ -271,6 +346,8 @@ class TrainingConfig(Section):
     fused_logprobs: bool = Field(True, description="Compute log-probs with the fused LM-head kernel (no [tokens, vocab] logits).")
     eval_every: Optional[int] = Field(None, ge=1, description="Evaluate on held-out pairs every N steps (and at the end).")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch (None: torch's default).")
+    shuffle: bool = Field(True, description="Shuffle the training rows each epoch. False: the data's own order (a "
+                                            "curriculum's easy-to-hard order, e.g. Curry-DPO's single stage).")
     packing: Literal["auto"] | bool = Field(
         "auto", description="Pack each micro-batch's sequences padding-free into one row (position ids restart per "
                             "sequence; FlexAttention block mask on GPU, an explicit mask with sdpa/eager, varlen with "

@@ -34,8 +34,13 @@ def render_prompts(tokenizer, prompts: list, system_prompt: str | None = None) -
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list, settings: SamplingSettings, system_prompt: str | None = None) -> list[list[str]]:
-    """For each prompt, `num_samples` completions (decoded, special tokens removed)."""
+def generate(model, tokenizer, prompts: list, settings: SamplingSettings, system_prompt: str | None = None,
+             processor_factory=None) -> list[list[str]]:
+    """For each prompt, `num_samples` completions (decoded, special tokens removed). `processor_factory`,
+    called as `(encoded_batch, num_samples)` once per batch, makes a logits processor holding that batch's
+    state (APO's extrapolated logits run a second model with its own KV cache)."""
+    from transformers import LogitsProcessorList
+
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -56,6 +61,8 @@ def generate(model, tokenizer, prompts: list, settings: SamplingSettings, system
                 **encoded, max_new_tokens=settings.max_new_tokens, do_sample=sampling,
                 temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
                 top_k=None, num_return_sequences=settings.num_samples, pad_token_id=tokenizer.pad_token_id,
+                logits_processor=LogitsProcessorList(
+                    [processor_factory(encoded, settings.num_samples)] if processor_factory else []),
             )
             completions = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
             for index in range(len(chunk)):

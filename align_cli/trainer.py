@@ -26,7 +26,7 @@ from .evaluation import evaluate_pairs, task_accuracy
 from .logprobs import sequence_logps
 from .metrics import MetricsLog, progress_bar
 from .objective import Objective
-from .reference import LiveReference, cache_key, cached_or_computed, model_identity
+from .reference import CachedReference, LiveReference, cache_key, cached_or_computed, model_identity
 from .run_setup import RunInputs, prepare_run
 from .throughput import collate_for, data_order
 
@@ -71,12 +71,18 @@ def total_steps(recipe: Recipe, order: DataOrder) -> int:
     return max(1, micro_batches // training.gradient_accumulation_steps)
 
 
-def build_reference(run: RunInputs, objective: Objective, train_rows: list[int]):
+def build_reference(run: RunInputs, objective: Objective, train_rows: list[int], reference_logps=None):
     """The reference provider the objective needs: none, cached log-probs, or a live frozen model.
     With `reference.precompute`, log-probs of the train rows this run visits (and of all eval rows)
-    come from the disk cache, computed first where missing."""
+    come from the disk cache, computed first where missing. `reference_logps`, when given, computes them
+    instead: `(run, {split: tokenised dataset}, groups) -> {split: {group: [rows] tensor}}` (APO's
+    extrapolated anchor, `extrapolation.AnchorLogps`)."""
     if not objective.needs_reference:
         return None, {}
+    if reference_logps is not None:
+        tables = reference_logps(run, {"train": run.train_data, "eval": run.eval_data}, objective.reference_groups)
+        return ({split: CachedReference(table) for split, table in tables.items()},
+                {"reference": getattr(reference_logps, "description", "precomputed")})
     recipe, accelerator = run.recipe, run.accelerator
     live = LiveReference(run.reference_model, run.reference_context, recipe.training.fused_logprobs,
                          objective.reference_groups, collate_for(recipe.training, collate_groups))
@@ -136,14 +142,18 @@ def _measure(run: RunInputs, model, objective, reference) -> dict:
 
 
 def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | None = None, resume: bool = False,
-          overwrite: bool = False, on_step_end: Callable[[int], None] | None = None) -> dict:
-    """Run the recipe; return the run summary (also written to `summary.json`)."""
+          overwrite: bool = False, on_step_end: Callable[[int], None] | None = None, reference_logps=None) -> dict:
+    """Run the recipe; return the run summary (also written to `summary.json`). `reference_logps`: see
+    `build_reference` (iterative methods pass their anchor's log-probs; no reference model is loaded)."""
     objective = Objective(recipe.method.losses)
-    run = prepare_run(recipe, recipe_path, output_dir, resume, overwrite, objective.needs_reference,
+    run = prepare_run(recipe, recipe_path, output_dir, resume, overwrite,
+                      objective.needs_reference and reference_logps is None,
                       objective.policy_groups)
     accelerator, training = run.accelerator, recipe.training
     order = data_order(training, run.train_data, objective.policy_groups, accelerator.num_processes,
                        accelerator.process_index)
+    if not training.shuffle:  # the data's own order: a curriculum (Curry-DPO's single stage)
+        order = dataclasses.replace(order, shuffle=False)
     collate = collate_for(training, collate_groups)  # packed rows, or padded ones
     if order.batches_per_epoch == 0:
         raise UserError(f"The training data has {len(run.train_data)} rows, fewer than one global batch "
@@ -168,7 +178,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
     visited = sorted({row for rank in range(accelerator.num_processes)
                       for k in range(steps * training.gradient_accumulation_steps)
                       for row in dataclasses.replace(order, rank=rank).batch(k)})
-    reference, reference_info = build_reference(run, objective, visited)
+    reference, reference_info = build_reference(run, objective, visited, reference_logps)
     if recipe.reference.precompute and run.reference_model is not run.policy:
         run.reference_model = None  # cached log-probs replace it: free its memory
 

@@ -121,6 +121,7 @@ class DataOrder:
     seed: int
     world_size: int = 1
     rank: int = 0
+    shuffle: bool = True     # False: every epoch in the data's own order (a curriculum)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -128,7 +129,7 @@ class DataOrder:
 
     def batch(self, k: int) -> list[int]:
         epoch, position = divmod(k, self.batches_per_epoch)
-        permutation = _permutation(self.num_rows, self.seed, epoch)
+        permutation = _permutation(self.num_rows, self.seed, epoch) if self.shuffle else torch.arange(self.num_rows)
         global_size = self.batch_size * self.world_size
         start = position * global_size + self.rank * self.batch_size
         return permutation[start: start + self.batch_size].tolist()

@@ -1,0 +1,171 @@
+"""APO: iterative preference optimisation accelerated by Nesterov momentum (He, Yuan, Gu 2024,
+"Accelerated Preference Optimization"; ALGORITHMS.md section 6). alpha = 0 is iterative DPO.
+
+Iteration t = 1..T, with pihat_0 = the starting model and pi_{t-1} the anchor:
+1. sample K responses per prompt (a fresh slice of `data.train` prompts) from pi_{t-1};
+2. score them with the ranker and keep best vs worst (prompts whose responses all tie give no pair);
+3. proximal step: train the pairwise loss from pihat_{t-1} with reference pi_{t-1}, giving pihat_t;
+4. momentum: pi_t = (1+alpha)*log pihat_t - alpha*log pihat_{t-1} (- log Z), which only ever enters as
+   reference log-probs computed exactly from the two frozen checkpoints (`extrapolation.AnchorLogps`)
+   and as the sampling policy of the next iteration (`sample_from`).
+pi_0 = pihat_0, so iteration 1 is the same for every alpha. Held-out task accuracy is measured on the
+trained weights pihat_t after each iteration (greedy decoding, `evaluation`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..checkpoint import write_json_atomic
+from ..config import Recipe
+from ..data.sources import load_source
+from ..errors import UserError
+from ..extrapolation import AnchorLogps, anchor_terms
+from ..generation import SamplingSettings
+from ..rankers import make_ranker
+from ..run_setup import load_task_rows
+from ..sampling import Sampler, sample_responses
+from . import loop
+from .pairs import as_row, best_vs_worst
+
+TABLE = [("iteration", "iter"), ("sample_from", "sampled from"), ("pairs", "pairs"), ("tied_prompts", "ties"),
+         ("sample_accuracy", "sample acc"), ("sample_mean_score", "sample score"), ("steps", "steps"),
+         ("train_loss", "train loss"), ("train_reward_accuracy", "train acc"), ("eval_reward_accuracy", "eval pair acc"),
+         ("task_accuracy", "held-out acc"), ("seconds", "seconds")]
+
+
+def load_prompts(recipe: Recipe) -> list[dict]:
+    source = recipe.data.train
+    dataset = load_source(source.source, source.split, source.subset)
+    column = source.columns.prompt
+    if column not in dataset.column_names:
+        raise UserError(f"data.train '{source.source}' has no prompt column '{column}' (columns: "
+                        f"{', '.join(dataset.column_names)}). Iterative methods sample responses to its prompts.")
+    rows = [{**row, "prompt": row[column]} for row in dataset]
+    return rows[: source.max_rows] if source.max_rows else rows
+
+
+def prompt_slice(prompts: list[dict], iteration: int, size: int) -> list[dict]:
+    """Iteration t's prompts: the t-th block of `size`, wrapping around (fresh prompts each iteration, as in
+    the SPPO/APO pipelines, while there are enough)."""
+    start = (iteration - 1) * size
+    return [prompts[(start + i) % len(prompts)] for i in range(min(size, len(prompts)))]
+
+
+def sample_statistics(samples: list[dict], scores: list[list[float]]) -> dict:
+    from .. import tasks
+
+    flat = [s for row in scores for s in row]
+    stats = {"prompts": len(samples), "samples": len(flat), "sample_mean_score": sum(flat) / max(len(flat), 1),
+             "mean_response_chars": sum(len(r) for row in samples for r in row["responses"]) / max(len(flat), 1)}
+    if all(row.get("answer") is not None for row in samples):
+        correct = [tasks.is_correct(r, row["answer"]) for row in samples for r in row["responses"]]
+        stats["sample_accuracy"] = sum(correct) / max(len(correct), 1)
+    return stats
+
+
+def generate_and_rank(recipe: Recipe, config, folder: Path, rows: list[dict], sampler: Sampler, seed: int,
+                      ranker_cache) -> tuple[list[dict], list[list[float]], dict]:
+    """The iteration's samples and their scores, each phase read back from its file when it finished before."""
+    from ..models import load_tokenizer, resolve_dtype
+
+    settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                top_p=config.top_p, num_samples=config.samples_per_prompt, seed=seed,
+                                batch_size=config.generation_batch_size)
+
+    def sample() -> list[dict]:
+        started = time.time()
+        folder.mkdir(parents=True, exist_ok=True)
+        tokenizer = load_tokenizer(recipe.model.model_copy(update={"name": sampler.current}), recipe.data.chat_template)
+        responses, info = sample_responses(sampler, tokenizer, [row["prompt"] for row in rows], settings,
+                                           model_config=recipe.model, dtype=resolve_dtype(recipe.model.dtype),
+                                           system_prompt=recipe.data.system_prompt, engine=config.engine,
+                                           workdir=folder)
+        write_json_atomic(folder / "sampling.json", {**info, "seed": seed, "seconds": round(time.time() - started, 1),
+                                                          "settings": settings.__dict__})
+        return [{"prompt": row["prompt"], "answer": row.get("answer"), "responses": texts}
+                for row, texts in zip(rows, responses)]
+
+    samples = loop.phase(folder / "samples.jsonl", sample)
+    rankings = loop.phase(folder / "rankings.jsonl", lambda: [
+        {"scores": scores} for scores in ranker_cache().score(samples, [row["responses"] for row in samples])])
+    info = loop.json_phase(folder / "sampling.json", lambda: {})
+    return samples, [row["scores"] for row in rankings], info
+
+
+def run_apo(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | None = None, resume: bool = False,
+            overwrite: bool = False, on_step_end=None) -> dict:
+    config = recipe.method.apo
+    loop.require_reference_loss(recipe)
+    run_dir = loop.open_run_dir(recipe, recipe_path, output_dir, resume, overwrite)
+    loop.set_threads(recipe)
+    started = time.time()
+    prompts = load_prompts(recipe)
+    eval_rows = load_task_rows(recipe)
+    ranker = []  # built on first use: a resumed run whose rankings exist never loads a reward model
+
+    def get_ranker():
+        if not ranker:
+            ranker.append(make_ranker(config.ranker, run_dir))
+        return ranker[0]
+
+    baseline = loop.json_phase(run_dir / "iteration-0" / "evaluation.json",
+                               lambda: loop.task_evaluation(recipe.model.name, recipe, eval_rows))
+    table = [{"iteration": 0, "task_accuracy": baseline.get("task_accuracy")}]
+    history = [recipe.model.name]  # pihat_0, pihat_1, ...
+    summaries = []
+    for iteration in range(1, config.iterations + 1):
+        iteration_started = time.time()
+        folder = run_dir / f"iteration-{iteration}"
+        current, previous = history[-1], (history[-2] if len(history) > 1 else None)
+        sampler = Sampler(current, previous, config.alpha, config.sample_from)
+        rows = prompt_slice(prompts, iteration, config.prompts_per_iteration)
+        samples, scores, sampling = generate_and_rank(recipe, config, folder, rows, sampler,
+                                                      recipe.training.seed + iteration, get_ranker)
+
+        def build_pairs() -> list[dict]:
+            found = [best_vs_worst(i, row["responses"], row_scores)
+                     for i, (row, row_scores) in enumerate(zip(samples, scores))]
+            return [as_row(pair, samples[pair.prompt_index]["prompt"]) for pair in found if pair is not None]
+
+        pairs = loop.phase(folder / "pairs.jsonl", build_pairs)
+        if len(pairs) < recipe.training.batch_size:
+            raise UserError(f"APO iteration {iteration}: only {len(pairs)} of {len(samples)} prompts gave a pair (the "
+                            f"others' {config.samples_per_prompt} responses all scored the same), fewer than one batch "
+                            f"of {recipe.training.batch_size}. Raise method.apo.prompts_per_iteration or "
+                            f"samples_per_prompt, or lower training.batch_size.")
+        anchor = AnchorLogps(anchor_terms(current, previous, config.alpha),
+                             recipe.reference.cache_dir or str(run_dir / "reference_logps"))
+        stage_recipe = loop.derive_recipe(recipe, {
+            "model.name": current, "reference.name": None, "method.name": "dpo",
+            "data.train": {"source": str(folder / "pairs.jsonl"), "split": "train"},
+            "evaluation.task": None, "output.save_final_model": True, "output.dir": str(folder / "train")})
+        summary = loop.train_stage(stage_recipe, folder / "train", reference_logps=anchor, on_step_end=on_step_end)
+        history.append(summary["final_model_dir"])
+        evaluation = loop.json_phase(folder / "evaluation.json",
+                                     lambda: loop.task_evaluation(history[-1], recipe, eval_rows))
+        timing = loop.json_phase(folder / "timing.json", lambda: {"seconds": round(time.time() - iteration_started, 1)})
+        summaries.append(summary)
+        table.append({"iteration": iteration, **sample_statistics(samples, scores), "pairs": len(pairs),
+                      "tied_prompts": len(samples) - len(pairs), "sample_from": sampling.get("sample_from"),
+                      "engine": sampling.get("engine"), "reference": anchor.description, **loop.train_row(summary),
+                      "task_accuracy": evaluation.get("task_accuracy"),
+                      "answer_accuracy_lenient": evaluation.get("answer_accuracy_lenient"), **timing})
+
+    final_model = loop.link_final_model(run_dir, history[-1] if len(history) > 1 else None)
+    text = loop.format_table(table, TABLE)
+    print(f"\nAPO (alpha={config.alpha}, sample_from={config.sample_from}, ranker={config.ranker.name})\n{text}\n",
+          flush=True)
+    speeds = [s["tokens_per_second"] for s in summaries if s.get("tokens_per_second")]
+    summary = {"recipe": str(recipe_path) if recipe_path else None, "method": "apo", "model": recipe.model.name,
+               "alpha": config.alpha, "sample_from": config.sample_from, "ranker": config.ranker.name,
+               "losses": [term.model_dump() for term in recipe.method.losses],
+               "iterations": table, "table": text.splitlines(),
+               "before": {"task_accuracy": baseline.get("task_accuracy")},
+               "after": {"task_accuracy": table[-1].get("task_accuracy")},
+               "final_model_dir": final_model,
+               "tokens_per_second": round(sum(speeds) / len(speeds), 1) if speeds else 0.0,
+               "wall_seconds_this_process": round(time.time() - started, 1)}
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary

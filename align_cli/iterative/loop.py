@@ -1,0 +1,168 @@
+"""What the iterative methods share: the run directory and its resumable phases, the derived recipe of each
+iteration or stage, calling the pairwise trainer into a sub-directory, held-out task accuracy, the table.
+
+Resuming: every phase of an iteration (samples, rankings, pairs, evaluation) writes one file atomically
+and is skipped when that file exists; the training phase is the pairwise trainer's own run directory
+(`iteration-N/train/`), which resumes from its last checkpoint. A killed run therefore continues at the
+iteration, phase and step where it stopped, and never regenerates a finished iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..checkpoint import list_checkpoints, write_json_atomic
+from ..config import Recipe
+from ..errors import UserError
+
+MARKER = "iterative.json"
+
+
+def open_run_dir(recipe: Recipe, recipe_path: Path | None, output_dir: str | None, resume: bool,
+                 overwrite: bool) -> Path:
+    """The run directory of an iterative method, with the same rules as the pairwise trainer's."""
+    stem = recipe_path.stem if recipe_path else "run"
+    run_dir = Path(output_dir or recipe.output.dir.format(recipe=stem))
+    started = (run_dir / MARKER).exists()
+    if started and not resume and not overwrite:
+        raise UserError(f"Output directory '{run_dir}' already holds a run. Pass --resume to continue it, "
+                        f"--overwrite to replace it, or --output-dir to write elsewhere.")
+    if resume and not started:
+        raise UserError(f"--resume: '{run_dir}' holds no {recipe.method.name} run to resume. Run without --resume to start.")
+    if overwrite and not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not started:
+        import yaml
+
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        write_json_atomic(run_dir / MARKER, {"method": recipe.method.name, "started": time.time()})
+    return run_dir
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    os.replace(staging, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def phase(path: Path, compute: Callable[[], list[dict]]) -> list[dict]:
+    """The rows of a finished phase from its file, or computed now and written atomically."""
+    if path.exists():
+        return read_jsonl(path)
+    rows = compute()
+    write_jsonl(path, rows)
+    return rows
+
+
+def json_phase(path: Path, compute: Callable[[], dict]) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, result)
+    return result
+
+
+def require_reference_loss(recipe: Recipe) -> None:
+    """APO and Curry-DPO work through the reference (the anchor, the previous stage): a loss must use one."""
+    from ..objective import Objective
+
+    if not Objective(recipe.method.losses).needs_reference:
+        names = ", ".join(term.name for term in recipe.method.losses)
+        raise UserError(f"method {recipe.method.name} trains each step against a reference (its anchor), but the losses "
+                        f"({names}) use none. Use a reference-based pairwise loss such as dpo, ipo or sppo.")
+
+
+def derive_recipe(recipe: Recipe, changes: dict) -> Recipe:
+    """A copy of `recipe` with dotted keys replaced (`{"model.name": ...}`), validated again."""
+    data = recipe.model_dump(mode="json")
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        target = data
+        for part in parents:
+            target = target[part]
+        target[last] = value
+    return Recipe.model_validate(data)
+
+
+def train_stage(recipe: Recipe, folder: Path, reference_logps=None, on_step_end=None) -> dict:
+    """Run the pairwise trainer into `folder`: its summary when it finished before, a resume from its last
+    checkpoint when it stopped part-way, else a fresh start (clearing a start killed before any checkpoint)."""
+    from ..trainer import train
+
+    summary_path = folder / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    resume = bool(list_checkpoints(folder))
+    return train(recipe, None, str(folder), resume=resume, overwrite=not resume, on_step_end=on_step_end,
+                 reference_logps=reference_logps)
+
+
+def set_threads(recipe: Recipe) -> None:
+    if recipe.training.threads:
+        torch.set_num_threads(recipe.training.threads)
+
+
+def task_evaluation(location: str, recipe: Recipe, rows: list[dict]) -> dict:
+    """Greedy held-out task accuracy of a checkpoint (the verifier of `evaluation.task`)."""
+    from ..evaluation import task_accuracy
+    from ..models import freeze, load_causal_lm, load_tokenizer, resolve_dtype
+
+    if not rows:
+        return {}
+    model = freeze(load_causal_lm(location, recipe.model, resolve_dtype(recipe.model.dtype)))
+    if torch.cuda.is_available():
+        model.to("cuda")
+    tokenizer = load_tokenizer(recipe.model.model_copy(update={"name": location, "tokenizer": None}),
+                               recipe.data.chat_template)
+    evaluation = recipe.evaluation
+    return task_accuracy(model, tokenizer, rows, evaluation.max_new_tokens, evaluation.batch_size,
+                         recipe.data.system_prompt)
+
+
+def link_final_model(run_dir: Path, final_model: str | None) -> str | None:
+    """`run_dir/final_model` pointing at the last iteration's model (a relative link: the run dir can move)."""
+    if final_model is None:
+        return None
+    link = run_dir / "final_model"
+    if link.is_symlink() or link.exists():
+        link.unlink() if link.is_symlink() else shutil.rmtree(link)
+    link.symlink_to(os.path.relpath(final_model, run_dir))
+    return str(link)
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A plain text table: `columns` are (key, header); floats with 3 decimals, missing as '-'."""
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    body = [[cell(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(header), *(len(line[i]) for line in body)) if body else len(header)
+              for i, (_, header) in enumerate(columns)]
+    lines = ["  ".join(header.rjust(width) for (_, header), width in zip(columns, widths))]
+    lines += ["  ".join(value.rjust(width) for value, width in zip(line, widths)) for line in body]
+    return "\n".join(lines)
+
+
+def train_row(summary: dict) -> dict:
+    """The columns of an iteration's table that come from its trainer summary."""
+    final, after = summary.get("final_train_metrics") or {}, summary.get("after") or {}
+    return {"steps": summary.get("steps"), "train_loss": final.get("loss"),
+            "train_reward_accuracy": final.get("rewards/accuracies"), "train_margin": final.get("rewards/margins"),
+            "eval_loss": after.get("loss"), "eval_reward_accuracy": after.get("rewards/accuracies"),
+            "tokens_per_second": summary.get("tokens_per_second"), "train_seconds": summary.get("train_seconds")}
