@@ -56,8 +56,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_recipe,
     single = json.loads((one / "seen-0.json").read_text())
     assert [r["world_size"] for r in ranks] == [2, 2] and single["world_size"] == 1
     assert all(r["fsdp2_logprobs_match"] for r in ranks)
+    # The two processes also collated their reference precompute (the single one found it cached):
+    # the training micro-batches are the last ones each process collated.
+    steps = len(single["rows"])
+    assert steps == 3
     for step, batch in enumerate(single["rows"]):
-        first, second = ranks[0]["rows"][step], ranks[1]["rows"][step]
+        first, second = ranks[0]["rows"][step - steps], ranks[1]["rows"][step - steps]
         assert not set(first) & set(second), f"micro-batch {step}: ranks shared rows {set(first) & set(second)}"
         assert sorted(first + second) == sorted(batch), f"micro-batch {step}: ranks' union differs from one process"
 

@@ -6,7 +6,6 @@ import random
 
 import pytest
 import torch
-
 from align_cli.losses import d3s_schedule, max_variance_subset, select_samples, select_tokens
 from align_cli.losses.d3s import kept_token_count
 

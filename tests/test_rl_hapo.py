@@ -4,12 +4,17 @@ import math
 
 import pytest
 import torch
-
 from align_cli.losses import (
-    LOSSES, EntropyStats, adaptive_clip_bounds, adaptive_temperature, entropy_signal, redistribute_advantages,
+    LOSSES,
+    EntropyStats,
+    adaptive_clip_bounds,
+    adaptive_temperature,
+    entropy_signal,
+    redistribute_advantages,
     token_level_group_advantages,
 )
 from align_cli.losses.hapo import normalise_entropy
+
 from align_cli.rl.temperature import AdaptiveTemperature
 
 ENTROPIES = [[0.05, 1.2, 0.3, 2.5, 0.0], [0.9, 0.01, 3.1, 0.4, 0.7]]

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-
 from align_cli.losses import LOSSES, group_advantages, k3_kl
 from align_cli.losses.rl import aggregate, clipped_surrogate, sequence_log_ratio
+
 from align_cli.rl.update import normaliser_count
 
 B, T = 5, 7
@@ -40,7 +40,7 @@ def test_clipped_objective_matches_hand_computation(name, eps_low, eps_high, agg
     policy.requires_grad_()
     kl_beta = 0.05
     loss, metrics = LOSSES[name](policy, old, advantages, mask, ref_token_logps=ref, kl_beta=kl_beta)
-    per_sequence, counts = [], []
+    per_sequence = []
     for i in range(B):
         terms = []
         for t in range(int(mask[i].sum())):

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from conftest import write_jsonl
 
 from align_cli import tasks
 from align_cli.cli import main
@@ -21,8 +22,6 @@ from align_cli.rl.data import PromptOrder
 from align_cli.rl.rewards import WeightedRewards, answer_match, extract_answer, overlong_penalty
 from align_cli.rl.rollout import Rollouts, to_padded
 from align_cli.trainer import Interrupted
-
-from conftest import write_jsonl
 
 
 def align(monkeypatch, capsys, *arguments):
@@ -129,11 +128,14 @@ def rl_recipe(tmp_path, tiny_model_dir):
     def make(**rl_overrides):
         rl = {"num_generations": 4, "prompts_per_step": 2, "max_new_tokens": 6, "generation_batch_size": 2,
               "rewards": [{"name": "tiny_rewards:vowels"}, {"name": "arithmetic", "weight": 0.5}], **rl_overrides}
-        losses = [{"name": rl.pop("loss", "grpo")}]
+        loss = rl.pop("loss", "grpo")
+        losses = [loss if isinstance(loss, dict) else {"name": loss}]
+        peft = rl.pop("peft", {"enabled": False})
         recipe = {
             "model": {"name": str(tiny_model_dir), "dtype": "float32"},
             "data": {"train": {"source": str(prompts)}, "max_length": 96, "max_prompt_length": 80},
             "method": {"name": "grpo", "losses": losses, "rl": rl},
+            "peft": peft,
             "training": {"learning_rate": 1e-3, "batch_size": 3, "max_steps": 2, "seed": 1, "warmup_ratio": 0.0,
                          "lr_scheduler": "constant"},
             "logging": {"progress": False, "tensorboard": False},
@@ -150,13 +152,13 @@ def rl_recipe(tmp_path, tiny_model_dir):
 
 def test_online_run_end_to_end(rl_recipe, tmp_path, monkeypatch, capsys):
     """Every part at once: HAPO loss + adaptive temperature + token-level advantages, D^3S, dynamic sampling,
-    overlong shaping, truncation masking, 2 passes x 2 mini-batches; then `align plot` of the run."""
+    overlong shaping, truncation masking, 2 passes x 2 mini-batches, KL to a frozen reference."""
     monkeypatch.chdir(tmp_path)  # the `module:function` reward is imported from the working directory
-    path = rl_recipe(loss="hapo", dynamic_sampling=True, overlong_shaping=True, overlong_buffer=2, mask_truncated=True,
+    path = rl_recipe(loss={"name": "hapo", "kl_beta": 0.05}, dynamic_sampling=True, overlong_shaping=True, overlong_buffer=2, mask_truncated=True,
                      passes=2, mini_batches=2,
                      d3s={"enabled": True, "m_init": 2, "m_final": 4, "keep_init": 50, "keep_final": 100},
                      hapo={"adaptive_temperature": True, "token_level_advantage": True})
-    code, out, err = align(monkeypatch, capsys, "train", str(path))
+    code, _, err = align(monkeypatch, capsys, "train", str(path))
     assert code == 0, err
     run_dir = tmp_path / "run"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -167,25 +169,20 @@ def test_online_run_end_to_end(rl_recipe, tmp_path, monkeypatch, capsys):
     assert "hapo/temperature_factor" not in first and "hapo/temperature_factor" in second  # off on step 1
     for record in train:
         assert all(k in record for k in ("reward/mean", "reward/tiny_rewards:vowels", "reward/overlong", "loss",
-                                         "clip_ratio/high", "entropy/mean", "grad_norm"))
+                                         "clip_ratio/high", "entropy/mean", "grad_norm", "kl"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and "task_accuracy" in summary["after"] and summary["loss"]["name"] == "hapo"
     assert (run_dir / "final_model" / "config.json").exists()
 
-    png = tmp_path / "curves.png"
-    code, out, err = align(monkeypatch, capsys, "plot", str(run_dir), str(run_dir), "--metric", "reward/mean",
-                           "--metric", "eval/task_accuracy", "--label", "a", "--label", "b", "--output", str(png))
-    assert code == 0, err
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    code, _, err = align(monkeypatch, capsys, "plot", str(run_dir), "--metric", "no/such", "--output", str(png))
-    assert code == 2 and "no/such" in err
-
 
 def test_resume_matches_uninterrupted(rl_recipe, tmp_path, monkeypatch):
+    """GSPO with LoRA, D^3S and a KL term whose reference is the adapter-disabled policy, stopped after step 1
+    and resumed: the final weights equal an uninterrupted run's."""
     from safetensors.torch import load_file
 
     monkeypatch.chdir(tmp_path)
-    path = rl_recipe(loss="dapo", d3s={"enabled": True, "m_init": 2, "m_final": 4})
+    path = rl_recipe(loss={"name": "gspo", "kl_beta": 0.05}, d3s={"enabled": True, "m_init": 2, "m_final": 4},
+                     peft={"enabled": True, "r": 4, "alpha": 8})
     path.write_text(path.read_text().replace("task: arithmetic", "task: null"))  # no evaluation: faster
 
     def run(output, **kwargs):
@@ -228,3 +225,83 @@ def test_shipped_rl_recipes_validate(name):
     assert recipe.method.name == "grpo" and recipe.model.name == "builtin:smollm2-135m-instruct"
     assert recipe.data.train.source == "builtin:arithmetic_prompts"
     assert any(term.name == "arithmetic" for term in recipe.method.rl.rewards)
+
+
+def test_optimise_gradient_is_independent_of_micro_batch_size(tiny_model_dir):
+    """`update.optimise` over micro-batches of 2 accumulates exactly the gradient of one micro-batch of 6,
+    through `accelerator.backward` (which divides by its accumulation steps) and the global normaliser."""
+    from accelerate import Accelerator
+    from align_cli.losses import LOSSES
+    from transformers import AutoModelForCausalLM
+
+    from align_cli.rl.rollout import completion_mask
+    from align_cli.rl.update import TrainBatch, optimise
+
+    class Capture:
+        def __init__(self, model):
+            self.model, self.grads = model, None
+
+        def step(self):
+            self.grads = [p.grad.clone() for p in self.model.parameters() if p.grad is not None]
+
+        def zero_grad(self, set_to_none=True):
+            self.model.zero_grad(set_to_none=set_to_none)
+
+    generator = torch.Generator().manual_seed(0)
+    completions = [torch.randint(10, 200, (n,), generator=generator).tolist() for n in (3, 5, 1, 4, 2, 5)]
+    rollouts = Rollouts([[1, 2, 3]] * 6, completions, [""] * 6, torch.zeros(6, dtype=torch.bool),
+                        torch.arange(6) // 3, [{}] * 6)
+    mask = completion_mask(rollouts.lengths)
+    loss_mask = mask.clone()
+    loss_mask[1, 0] = 0.0
+    batch = TrainBatch(rollouts, torch.tensor([1.0, -0.5, 0.3, -1.0, 0.7, 0.2]), mask, loss_mask,
+                       -3.0 + 0.1 * torch.rand(mask.shape, generator=generator), None, None)
+    grads = {}
+    for size in (6, 2):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
+        optimizer = Capture(model)
+        for aggregation in ("token-mean", "seq-mean-token-mean"):
+            optimise(model, batch, loss_function=LOSSES["dapo"], params={"aggregation": aggregation}, weight=1.0,
+                     aggregation=aggregation, accelerator=accelerator, optimizer=optimizer,
+                     scheduler=SimpleNamespace(step=lambda: None), passes=1, mini_batches=1, micro_batch_size=size,
+                     max_grad_norm=None, pad_id=0, fused=True, seed=0)
+            grads[size, aggregation] = optimizer.grads
+    from align_cli.rl.update import micro_batch_loss
+
+    for aggregation in ("token-mean", "seq-mean-token-mean"):
+        # the reference: one plain backward of the whole batch's loss, normalised by its own count
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        loss, _ = micro_batch_loss(model, batch, torch.arange(6), LOSSES["dapo"], {"aggregation": aggregation},
+                                   None, 0, True)
+        loss.backward()
+        expected = [p.grad for p in model.parameters() if p.grad is not None]
+        for reference, whole, parts in zip(expected, grads[6, aggregation], grads[2, aggregation]):
+            torch.testing.assert_close(whole, reference, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(parts, reference, rtol=1e-4, atol=1e-7)
+
+
+def test_plot_overlays_runs(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    runs = []
+    for name, slope in (("a", 0.1), ("b", 0.05)):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        records = [{"step": s, "split": "train", "reward/mean": slope * s} for s in range(1, 6)]
+        records.append({"step": 5, "split": "eval", "task_accuracy": 0.5})
+        write_jsonl(run_dir / "metrics.jsonl", records)
+        runs.append(str(run_dir))
+    png = tmp_path / "out" / "curves.png"
+    code, _, err = align(monkeypatch, capsys, "plot", *runs, "--metric", "reward/mean", "--metric",
+                           "eval/task_accuracy", "--label", "A", "--label", "B", "--smooth", "2", "--output", str(png))
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from align_cli.plotting import metric_series
+
+    steps, values = metric_series(tmp_path / "a", "reward/mean")
+    assert steps == [1, 2, 3, 4, 5] and values == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert metric_series(tmp_path / "a", "eval/task_accuracy") == ([5], [0.5])
+    code, _, err = align(monkeypatch, capsys, "plot", runs[0], "--metric", "no/such", "--output", str(png))
+    assert code == 2 and "no/such" in err
+    code, _, err = align(monkeypatch, capsys, "plot", str(tmp_path), "--metric", "loss", "--output", str(png))
+    assert code == 2 and "metrics.jsonl" in err

@@ -25,9 +25,9 @@ from __future__ import annotations
 import importlib
 import re
 import sys
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -79,7 +79,7 @@ def answer_match(completions: list[str], rows: list[dict], answer_column: str = 
     return scores
 
 
-def format(completions: list[str], rows: list[dict], pattern: str = _EQUATION) -> list[float]:  # noqa: A001
+def format(completions: list[str], rows: list[dict], pattern: str = _EQUATION) -> list[float]:
     """1 when the whole completion matches the regular expression `pattern` (default: one equation
     `a op b = c`, the shipped task's format), else 0."""
     compiled = re.compile(pattern, re.DOTALL)

@@ -35,14 +35,14 @@ class Rollouts:
     def lengths(self) -> torch.Tensor:
         return torch.tensor([len(c) for c in self.completion_ids], dtype=torch.long)
 
-    def select(self, indices) -> "Rollouts":
+    def select(self, indices) -> Rollouts:
         indices = [int(i) for i in indices]
         return Rollouts([self.prompt_ids[i] for i in indices], [self.completion_ids[i] for i in indices],
                         [self.texts[i] for i in indices], self.truncated[indices], self.group[indices],
                         [self.rows[i] for i in indices])
 
     @staticmethod
-    def concatenate(parts: list["Rollouts"]) -> "Rollouts":
+    def concatenate(parts: list[Rollouts]) -> Rollouts:
         """Rollouts of several rounds, group numbers made consecutive across them."""
         offset, groups = 0, []
         for part in parts:

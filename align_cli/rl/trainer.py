@@ -18,8 +18,8 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -32,7 +32,15 @@ from ..losses.d3s import d3s_schedule
 from ..losses.hapo import EntropyStats, entropy_signal
 from ..losses.rl import AGGREGATIONS
 from ..metrics import MetricsLog, progress_bar
-from ..models import apply_lora, freeze, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_location, unwrap
+from ..models import (
+    apply_lora,
+    freeze,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_location,
+    unwrap,
+)
 from ..run_setup import RunInputs, _recipe_yaml, load_task_rows, make_accelerator, resolve_run_dir
 from ..trainer import Interrupted, StopFlag, TrainingDiverged
 from .advantages import Selection, advantages_of, d3s_selection, informative_groups

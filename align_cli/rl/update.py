@@ -4,8 +4,8 @@ micro-batches (gradient accumulation), with the loss normalised by each optimise
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
