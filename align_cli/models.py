@@ -38,6 +38,11 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return torch.float32
 
 
+def inference_device() -> torch.device:
+    """Where a single-process command (generate, eval, judges) runs its model: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _hub_error(name: str, error: Exception) -> UserError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     reason = "hub access is off (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else str(error)

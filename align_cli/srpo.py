@@ -22,7 +22,7 @@ class Templates:
     revision: str = DEFAULT_REVISION_TEMPLATE
 
     @classmethod
-    def from_config(cls, srpo_config) -> "Templates":
+    def from_config(cls, srpo_config) -> Templates:
         return cls(srpo_config.generate_template, srpo_config.revision_template)
 
 
@@ -137,13 +137,11 @@ def generate_to_file(model_name: str, prompts_source: str, split: str, output: s
     import json
     from pathlib import Path
 
-    import torch
-
     from . import tasks
     from .config import ModelConfig
     from .data.sources import load_source
     from .errors import UserError
-    from .models import load_causal_lm, load_tokenizer, resolve_dtype
+    from .models import inference_device, load_causal_lm, load_tokenizer, resolve_dtype
 
     dataset = load_source(prompts_source, split)
     if "prompt" not in dataset.column_names:
@@ -154,7 +152,7 @@ def generate_to_file(model_name: str, prompts_source: str, split: str, output: s
     config = ModelConfig(name=model_name)
     tokenizer = load_tokenizer(config)
     model = load_causal_lm(model_name, config, resolve_dtype("auto"))
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(inference_device())
     chains = self_revise(model, tokenizer, [r["prompt"] for r in rows], revisions, settings, templates, system_prompt)
     with_answers = all("answer" in r and r["answer"] is not None for r in rows)
     path = Path(output).expanduser()

@@ -212,6 +212,7 @@ def test_api_key_goes_only_into_the_header(scripted, tmp_path, monkeypatch):
 
 def test_server_without_logprobs_gives_discrete_verdicts(scripted):
     server = scripted(reject_logprobs=True)
-    judgments = OpenAIJudge("judge", server.base_url, concurrency=1).judge(_pairs(3))
+    # switching to discrete verdicts is not a failed attempt: it works without any retry allowed
+    judgments = OpenAIJudge("judge", server.base_url, concurrency=1, max_retries=0).judge(_pairs(3))
     assert [j["preference"] for j in judgments] == [2.0, 2.0, 2.0]
     assert {j["raw_completion"]["parsed_from"] for j in judgments} == {"discrete"}

@@ -11,8 +11,8 @@ whole chain, y_0 first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..generation import SamplingSettings
 from ..srpo import Templates, self_revise

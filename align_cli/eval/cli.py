@@ -7,7 +7,6 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -39,30 +38,30 @@ def _print_metrics(metrics: dict, as_json: bool) -> None:
 @eval_app.callback()
 def evaluate(
     ctx: typer.Context,
-    model: Optional[str] = typer.Option(None, "--model", help="A run directory of align train, an HF model directory, builtin:NAME or a hub id."),
-    instructions: Optional[str] = typer.Option(None, "--instructions", help="alpaca_eval JSON/JSONL {instruction, output, generator, dataset}, or builtin:NAME[:SPLIT] (default split: test)."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="Reference outputs (alpaca_eval format), joined on the instruction text. Default: the instruction file's own `output` (gold answers for builtin sets)."),
-    judge: Optional[str] = typer.Option(None, "--judge", help="rule | reward_model | openai."),
+    model: str | None = typer.Option(None, "--model", help="A run directory of align train, an HF model directory, builtin:NAME or a hub id."),
+    instructions: str | None = typer.Option(None, "--instructions", help="alpaca_eval JSON/JSONL {instruction, output, generator, dataset}, or builtin:NAME[:SPLIT] (default split: test)."),
+    reference: str | None = typer.Option(None, "--reference", help="Reference outputs (alpaca_eval format), joined on the instruction text. Default: the instruction file's own `output` (gold answers for builtin sets)."),
+    judge: str | None = typer.Option(None, "--judge", help="rule | reward_model | openai."),
     output_dir: Path = typer.Option(Path("runs/eval"), "--output-dir", help="Evaluation directory; several models can share one."),
-    name: Optional[str] = typer.Option(None, "--name", help="Model name in outputs and leaderboard (default: from --model)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N instructions."),
+    name: str | None = typer.Option(None, "--name", help="Model name in outputs and leaderboard (default: from --model)."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate only the first N instructions."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Generation (and reward model) batch size."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed, and the seed of the judge's output-order randomisation."),
-    system_prompt: Optional[str] = typer.Option(None, "--system-prompt"),
+    system_prompt: str | None = typer.Option(None, "--system-prompt"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16."),
     revisions: int = typer.Option(0, "--revisions", min=0, help="SRPO self-revision: revise each answer K times; the last revision is judged."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Take SRPO's prompt templates and the system prompt from this recipe (default: the recipe.yaml of the model's run directory)."),
-    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="reward_model: a local model directory; openai: the served model name."),
-    judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL, else https://api.openai.com/v1)."),
+    recipe: str | None = typer.Option(None, "--recipe", help="Take SRPO's prompt templates and the system prompt from this recipe (default: the recipe.yaml of the model's run directory)."),
+    judge_model: str | None = typer.Option(None, "--judge-model", help="reward_model: a local model directory; openai: the served model name."),
+    judge_base_url: str | None = typer.Option(None, "--judge-base-url", help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL, else https://api.openai.com/v1)."),
     judge_api_key_env: str = typer.Option("OPENAI_API_KEY", "--judge-api-key-env", help="Environment variable holding the API key (unset: no key sent)."),
     judge_concurrency: int = typer.Option(4, "--judge-concurrency", min=1),
     judge_max_retries: int = typer.Option(5, "--judge-max-retries", min=0),
     judge_timeout: float = typer.Option(120.0, "--judge-timeout", help="Seconds per judge request."),
-    judge_cache: Optional[Path] = typer.Option(None, "--judge-cache", help="Verdict cache (default: OUTPUT_DIR/judge_cache.jsonl)."),
-    difficulty: Optional[str] = typer.Option(None, "--difficulty", help="CSV/JSON of instruction, instruction_difficulty for the LC GLM."),
+    judge_cache: Path | None = typer.Option(None, "--judge-cache", help="Verdict cache (default: OUTPUT_DIR/judge_cache.jsonl)."),
+    difficulty: str | None = typer.Option(None, "--difficulty", help="CSV/JSON of instruction, instruction_difficulty for the LC GLM."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
     """Generate answers, judge them against the reference, and write alpaca_eval files, metrics and a report."""
@@ -100,7 +99,7 @@ def evaluate(
 @eval_app.command("metrics")
 def metrics(
     annotations: Path = typer.Argument(..., help="alpaca_eval annotations.json (instruction, output_1, output_2, preference)."),
-    difficulty: Optional[str] = typer.Option(None, "--difficulty", help="CSV/JSON of instruction, instruction_difficulty for the LC GLM."),
+    difficulty: str | None = typer.Option(None, "--difficulty", help="CSV/JSON of instruction, instruction_difficulty for the LC GLM."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
     """Recompute the leaderboard metrics of an alpaca_eval annotations file."""

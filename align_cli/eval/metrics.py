@@ -16,14 +16,14 @@ alpaca_eval does; `n_draws` is counted before that drop.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import numpy as np
 
 DRAW = 1.5
 
 
-def as_preferences(values: Iterable[Optional[float]]) -> np.ndarray:
+def as_preferences(values: Iterable[float | None]) -> np.ndarray:
     """Floats, with None (an unparseable judgment) as NaN."""
     return np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
 
@@ -47,7 +47,7 @@ def describe_head2head(preferences: np.ndarray) -> dict:
         "n_wins": int(np.sum(shifted > 0.5)),
         "n_wins_base": int(np.sum(shifted < 0.5)),
         "n_draws": n_draws,
-        "n_total": int(len(shifted)),
+        "n_total": len(shifted),
     }
 
 
@@ -58,7 +58,7 @@ def discretise(preferences: np.ndarray) -> np.ndarray:
     return np.where(rounded == 0, DRAW, rounded)
 
 
-def win_rate_metrics(preferences: Iterable[Optional[float]]) -> dict:
+def win_rate_metrics(preferences: Iterable[float | None]) -> dict:
     """`win_rate`, `standard_error`, counts and `discrete_win_rate`, as alpaca_eval's `get_winrate`."""
     values = as_preferences(preferences)
     metrics = describe_head2head(values)

@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
 
 from ..errors import UserError
 from ..generation import SamplingSettings
@@ -31,14 +30,14 @@ class EvalSettings:
     instructions: str
     judge: JudgeSettings
     output_dir: Path
-    reference: Optional[str] = None      # None: the instruction set's own `output` (alpaca_eval files, gold answers)
-    name: Optional[str] = None
-    limit: Optional[int] = None
+    reference: str | None = None      # None: the instruction set's own `output` (alpaca_eval files, gold answers)
+    name: str | None = None
+    limit: int | None = None
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     revisions: int = 0
-    recipe: Optional[str] = None         # SRPO templates and system prompt (default: the run directory's recipe)
-    difficulty: Optional[str] = None
+    recipe: str | None = None         # SRPO templates and system prompt (default: the run directory's recipe)
+    difficulty: str | None = None
     dtype: str = "auto"
 
 
@@ -70,10 +69,11 @@ def default_name(model: str, revisions: int) -> str:
 def _loader(model_location: str, dtype: str):
     def load():
         from ..config import ModelConfig
-        from ..models import load_causal_lm, load_tokenizer, resolve_dtype
+        from ..models import inference_device, load_causal_lm, load_tokenizer, resolve_dtype
 
         config = ModelConfig(name=model_location, dtype=dtype)
-        return load_causal_lm(model_location, config, resolve_dtype(dtype)), load_tokenizer(config)
+        model = load_causal_lm(model_location, config, resolve_dtype(dtype)).to(inference_device())
+        return model, load_tokenizer(config)
     return load
 
 

@@ -16,14 +16,14 @@ JUDGES = ("rule", "reward_model", "openai")
 @dataclass(frozen=True)
 class JudgeSettings:
     kind: str
-    model: Optional[str] = None         # reward model location, or the endpoint's model name
-    base_url: Optional[str] = None
+    model: str | None = None         # reward model location, or the endpoint's model name
+    base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     seed: int = 0                       # output-order randomisation
     concurrency: int = 4
     max_retries: int = 5
     timeout: float = 120.0
-    cache_path: Optional[Path] = None
+    cache_path: Path | None = None
     batch_size: int = 8
 
 

@@ -88,21 +88,22 @@ class OpenAIJudge:
 
     def _complete(self, messages: list[dict]) -> dict:
         """The first choice of one chat completion, retried with exponential backoff and jitter."""
-        for attempt in range(self.max_retries + 1):
+        attempt = 0
+        while True:
             body = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0}
             if self._want_logprobs:
                 body.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
             try:
                 return self._post(body)["choices"][0]
             except _NoLogprobs:
-                self._want_logprobs = False  # the server rejects log-probs: discrete verdicts from now on
-                continue
+                # the server rejects log-probs: discrete verdicts from now on; not a failed attempt
+                self._want_logprobs = False
             except (_Retryable, KeyError, IndexError) as error:
                 if attempt == self.max_retries:
                     raise UserError(f"The judge endpoint {public_url(self.endpoint)} failed {attempt + 1} times; "
                                     f"last error: {error}. Is the server up and the model name right?") from None
                 time.sleep(self.backoff * (2 ** attempt) * (1 + random.random()))
-        raise AssertionError("unreachable")
+                attempt += 1
 
     def _judge_one(self, pair: dict) -> dict:
         switched = is_switched(pair["instruction"], self.seed)

@@ -20,12 +20,13 @@ class RewardModelJudge:
     def __init__(self, location: str, batch_size: int = 8, max_length: int = 4096, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from ...models import resolve_model_location
+        from ...models import inference_device, resolve_model_location
 
         resolved = resolve_model_location(location)
         self.name = f"reward_model:{Path(location).name or location}"
         self.tokenizer = AutoTokenizer.from_pretrained(resolved)
         self.model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=dtype).eval()
+        self.model.to(inference_device())
         if self.model.config.num_labels != 1:
             raise UserError(f"'{location}' has {self.model.config.num_labels} output labels; a reward model has one "
                             f"(a scalar score per sequence).")
