@@ -137,9 +137,9 @@ def load_task_rows(recipe: Recipe) -> list[dict]:
     return [dataset[i] for i in range(min(evaluation.num_prompts, len(dataset)))]
 
 
-def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None, resume: bool, overwrite: bool,
-                needs_reference: bool = True, groups: list[str] | None = None) -> RunInputs:
-    """`groups`: the sequence groups the losses need (Objective.policy_groups); only their columns are tokenised."""
+def start_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None, resume: bool, overwrite: bool):
+    """What every trainer does first: threads, the run directory with its resolved recipe, the
+    Accelerator, the seed and the tokenizer."""
     from accelerate.utils import set_seed
 
     if recipe.training.threads:
@@ -148,7 +148,13 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
     (run_dir / "recipe.yaml").write_text(_recipe_yaml(recipe))
     accelerator = make_accelerator(recipe)
     set_seed(recipe.training.seed)
-    tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template)
+    return run_dir, accelerator, load_tokenizer(recipe.model, recipe.data.chat_template)
+
+
+def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None, resume: bool, overwrite: bool,
+                needs_reference: bool = True, groups: list[str] | None = None) -> RunInputs:
+    """`groups`: the sequence groups the losses need (Objective.policy_groups); only their columns are tokenised."""
+    run_dir, accelerator, tokenizer = start_run(recipe, recipe_path, output_dir, resume, overwrite)
     settings = TokenisationSettings.from_recipe(recipe, groups or ("chosen", "rejected"))
     with accelerator.main_process_first():
         train_data, eval_data, report = load_data(recipe, tokenizer, settings)

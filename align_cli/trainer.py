@@ -63,6 +63,20 @@ class StopFlag:
             signal.signal(number, handler)
 
 
+def end_optimiser_step(accelerator, recipe: Recipe, run_dir: Path, state: dict, last_step: int, stop: StopFlag,
+                       on_step_end: Callable[[int], None] | None) -> None:
+    """What every trainer does after an optimiser step: the scheduled (and final) checkpoint, the caller's
+    hook, and, after SIGINT/SIGTERM, a checkpoint and `Interrupted`."""
+    step, checkpointing = state["step"], recipe.checkpointing
+    if (checkpointing.every and step % checkpointing.every == 0) or step == last_step:
+        save_checkpoint(accelerator, run_dir, step, state, checkpointing.keep_last)
+    if on_step_end is not None:
+        on_step_end(step)
+    if stop.signal_number is not None:
+        saved = save_checkpoint(accelerator, run_dir, step, state, checkpointing.keep_last)
+        raise Interrupted(step, stop.signal_number, saved)
+
+
 def total_steps(recipe: Recipe, order: DataOrder) -> int:
     training = recipe.training
     if training.max_steps:
@@ -252,14 +266,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
                     log.log(state["step"], evaluate_pairs(model, _reference_for(reference, "eval"), objective, run.eval_data,
                                                           run.tokenizer.pad_token_id, training.batch_size,
                                                           accelerator.device, training.fused_logprobs), prefix="eval")
-                every = recipe.checkpointing.every
-                if (every and state["step"] % every == 0) or state["step"] == steps:
-                    save_checkpoint(accelerator, run.run_dir, state["step"], state, recipe.checkpointing.keep_last)
-                if on_step_end is not None:
-                    on_step_end(state["step"])
-                if stop.signal_number is not None:
-                    saved = save_checkpoint(accelerator, run.run_dir, state["step"], state, recipe.checkpointing.keep_last)
-                    raise Interrupted(state["step"], stop.signal_number, saved)
+                end_optimiser_step(accelerator, recipe, run.run_dir, state, steps, stop, on_step_end)
     finally:
         stop.restore()
         log.close()

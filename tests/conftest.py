@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -50,6 +51,20 @@ def tiny_model_dir(tmp_path_factory, smollm_dir, tokenizer):
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def align(monkeypatch, capsys, *arguments):
+    """Run `align ARGUMENTS` in this process; return (exit code, stdout, stderr)."""
+    from align_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["align", *arguments])
+    code = 0
+    try:
+        main()
+    except SystemExit as done:
+        code = done.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def write_jsonl(path, rows):

@@ -5,20 +5,7 @@ import sys
 
 import pytest
 import yaml
-
-from align_cli.cli import main
-
-
-def align(monkeypatch, capsys, *arguments):
-    """Run `align ARGUMENTS` in this process; return (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["align", *arguments])
-    code = 0
-    try:
-        main()
-    except SystemExit as done:
-        code = done.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import align
 
 
 def test_help_lists_commands(monkeypatch, capsys):

@@ -3,16 +3,14 @@
 import json
 import os
 import signal
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
-from conftest import write_jsonl
+from conftest import align, write_jsonl
 
 from align_cli import tasks
-from align_cli.cli import main
 from align_cli.config import Recipe
 from align_cli.errors import UserError
 from align_cli.recipe import load_recipe
@@ -22,17 +20,6 @@ from align_cli.rl.data import PromptOrder
 from align_cli.rl.rewards import WeightedRewards, answer_match, extract_answer, overlong_penalty
 from align_cli.rl.rollout import Rollouts, to_padded
 from align_cli.trainer import Interrupted
-
-
-def align(monkeypatch, capsys, *arguments):
-    monkeypatch.setattr(sys, "argv", ["align", *arguments])
-    code = 0
-    try:
-        main()
-    except SystemExit as done:
-        code = done.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_overlong_shaping():

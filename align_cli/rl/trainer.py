@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from ..checkpoint import latest_checkpoint, load_checkpoint, write_json_atomic
 from ..config import Recipe
 from ..errors import UserError
 from ..evaluation import task_accuracy
@@ -36,13 +36,12 @@ from ..models import (
     apply_lora,
     freeze,
     load_causal_lm,
-    load_tokenizer,
     resolve_dtype,
     resolve_model_location,
     unwrap,
 )
-from ..run_setup import RunInputs, _recipe_yaml, load_task_rows, make_accelerator, resolve_run_dir
-from ..trainer import Interrupted, StopFlag, TrainingDiverged
+from ..run_setup import RunInputs, load_task_rows, start_run
+from ..trainer import StopFlag, TrainingDiverged, end_optimiser_step
 from .advantages import Selection, advantages_of, d3s_selection, informative_groups
 from .data import PromptOrder, load_prompt_rows
 from .rewards import WeightedRewards, overlong_penalty
@@ -54,15 +53,7 @@ from .update import TrainBatch, optimise
 def prepare_rl_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None, resume: bool,
                    overwrite: bool, needs_reference: bool) -> RunInputs:
     """Run directory, Accelerator, tokenizer, prompts, policy (+ LoRA) and, for the KL term, the reference."""
-    from accelerate.utils import set_seed
-
-    if recipe.training.threads:
-        torch.set_num_threads(recipe.training.threads)
-    run_dir = resolve_run_dir(recipe, recipe_path, output_dir, resume, overwrite)
-    (run_dir / "recipe.yaml").write_text(_recipe_yaml(recipe))
-    accelerator = make_accelerator(recipe)
-    set_seed(recipe.training.seed)
-    tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template)
+    run_dir, accelerator, tokenizer = start_run(recipe, recipe_path, output_dir, resume, overwrite)
     prompts, report = load_prompt_rows(recipe, tokenizer)
     dtype = resolve_dtype(recipe.model.dtype)
     policy = load_causal_lm(recipe.model.name, recipe.model, dtype)
@@ -307,14 +298,7 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
                 if training.eval_every and state["step"] % training.eval_every == 0 and state["step"] < steps:
                     log.log(state["step"], {k: v for k, v in _measure(run, model).items() if isinstance(v, (int, float))},
                             prefix="eval")
-                every = recipe.checkpointing.every
-                if (every and state["step"] % every == 0) or state["step"] == steps:
-                    save_checkpoint(accelerator, run.run_dir, state["step"], state, recipe.checkpointing.keep_last)
-                if on_step_end is not None:
-                    on_step_end(state["step"])
-                if stop.signal_number is not None:
-                    saved = save_checkpoint(accelerator, run.run_dir, state["step"], state, recipe.checkpointing.keep_last)
-                    raise Interrupted(state["step"], stop.signal_number, saved)
+                end_optimiser_step(accelerator, recipe, run.run_dir, state, steps, stop, on_step_end)
     finally:
         stop.restore()
         log.close()
