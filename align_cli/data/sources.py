@@ -74,3 +74,17 @@ def _load_hub(name: str, split: str, subset: str | None):
         raise UserError(f"Dataset '{name}' (split '{split}') could not be loaded: {reason}. "
                         f"Use a local file, a builtin dataset ({', '.join('builtin:' + n for n in builtin_datasets())}), "
                         f"or run online once to cache it.") from None
+
+
+def train_prompt_rows(recipe) -> list[dict]:
+    """The rows of `data.train` (at most `max_rows`) for methods that sample their own responses: each row
+    keeps every column, with its prompt (string or chat messages) under `prompt`."""
+    source = recipe.data.train
+    dataset = load_source(source.source, source.split, source.subset)
+    column = source.columns.prompt
+    if column not in dataset.column_names:
+        raise UserError(f"data.train '{source.source}' has no prompt column '{column}' (columns: "
+                        f"{', '.join(dataset.column_names)}). Set data.train.columns.prompt.")
+    if source.max_rows:
+        dataset = dataset.select(range(min(source.max_rows, len(dataset))))
+    return [{**row, "prompt": row[column]} for row in dataset]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..checkpoint import write_json_atomic
 from ..config import Recipe
-from ..data.sources import load_source
+from ..data.sources import train_prompt_rows
 from ..errors import UserError
 from ..extrapolation import AnchorLogps, anchor_terms
 from ..generation import SamplingSettings
@@ -33,17 +33,6 @@ TABLE = [("iteration", "iter"), ("sample_from", "sampled from"), ("pairs", "pair
          ("sample_accuracy", "sample acc"), ("sample_mean_score", "sample score"), ("steps", "steps"),
          ("train_loss", "train loss"), ("train_reward_accuracy", "train acc"), ("eval_reward_accuracy", "eval pair acc"),
          ("task_accuracy", "held-out acc"), ("seconds", "seconds")]
-
-
-def load_prompts(recipe: Recipe) -> list[dict]:
-    source = recipe.data.train
-    dataset = load_source(source.source, source.split, source.subset)
-    column = source.columns.prompt
-    if column not in dataset.column_names:
-        raise UserError(f"data.train '{source.source}' has no prompt column '{column}' (columns: "
-                        f"{', '.join(dataset.column_names)}). Iterative methods sample responses to its prompts.")
-    rows = [{**row, "prompt": row[column]} for row in dataset]
-    return rows[: source.max_rows] if source.max_rows else rows
 
 
 def prompt_slice(prompts: list[dict], iteration: int, size: int) -> list[dict]:
@@ -101,7 +90,7 @@ def run_apo(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | N
     run_dir = loop.open_run_dir(recipe, recipe_path, output_dir, resume, overwrite)
     loop.set_threads(recipe)
     started = time.time()
-    prompts = load_prompts(recipe)
+    prompts = train_prompt_rows(recipe)
     eval_rows = load_task_rows(recipe)
     ranker = []  # built on first use: a resumed run whose rankings exist never loads a reward model
 

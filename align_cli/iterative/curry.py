@@ -26,14 +26,13 @@ import torch
 
 from ..checkpoint import write_json_atomic
 from ..config import Recipe
-from ..data.sources import load_source
+from ..data.sources import load_source, train_prompt_rows
 from ..errors import UserError
 from ..generation import SamplingSettings
 from ..rankers import make_ranker
 from ..run_setup import load_task_rows
 from ..sampling import Sampler, sample_responses
 from . import loop
-from .apo import load_prompts
 from .pairs import Pair, as_row, best_vs_each, curriculum_stages, easy_to_hard, order_by
 
 TABLE = [("stage", "stage"), ("pairs", "pairs"), ("mean_gap", "mean gap"), ("steps", "steps"),
@@ -67,7 +66,7 @@ def generated_rows(recipe: Recipe, run_dir: Path) -> list[dict]:
     from ..models import load_tokenizer, resolve_dtype
 
     config = recipe.method.curry_dpo
-    prompts = load_prompts(recipe)
+    prompts = train_prompt_rows(recipe)
     settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                 top_p=config.top_p, num_samples=config.samples_per_prompt, seed=recipe.training.seed,
                                 batch_size=config.generation_batch_size)

@@ -9,7 +9,7 @@ from functools import lru_cache
 import torch
 
 from ..config import Recipe
-from ..data.sources import load_source
+from ..data.sources import train_prompt_rows
 from ..errors import UserError
 from ..generation import render_prompts
 
@@ -18,14 +18,7 @@ def load_prompt_rows(recipe: Recipe, tokenizer) -> tuple[list[dict], dict]:
     """The training prompts of `data.train`: each row keeps every column, with the prompt (string or chat
     messages) under `prompt`. Prompts longer than `data.max_prompt_length` tokens are dropped (counted)."""
     source = recipe.data.train
-    dataset = load_source(source.source, source.split, source.subset)
-    column = source.columns.prompt
-    if column not in dataset.column_names:
-        raise UserError(f"{source.source}: no prompt column '{column}' (columns: {', '.join(dataset.column_names)}). "
-                        f"Set data.train.columns.prompt.")
-    if source.max_rows:
-        dataset = dataset.select(range(min(source.max_rows, len(dataset))))
-    rows = [{**row, "prompt": row[column]} for row in dataset]
+    rows = train_prompt_rows(recipe)
     rendered = render_prompts(tokenizer, [row["prompt"] for row in rows], recipe.data.system_prompt)
     lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
     kept = [row for row, length in zip(rows, lengths) if length <= recipe.data.max_prompt_length]
