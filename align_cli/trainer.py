@@ -235,7 +235,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
                                                              training.fused_logprobs)
                         if not torch.isfinite(loss):
                             raise TrainingDiverged(
-                                f"The loss became {float(loss)} at step {state['step'] + 1} (micro-batch rows "
+                                f"The loss became {loss.item()} at step {state['step'] + 1} (micro-batch rows "
                                 f"{rows[:8]}...). The last good checkpoint is kept in {run.run_dir / 'checkpoints'}. "
                                 f"Lower training.learning_rate, check the data, or use training.precision: fp32.")
                         accelerator.backward(loss)

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_dpo_recipe_runs_on_the_embedded_model(tmp_path):
     overrides = ["training.max_steps=2", "data.max_eval_rows=8", "evaluation.num_prompts=4",
-                 "evaluation.max_new_tokens=8", "reference.precompute=false", "checkpointing.every=1",
+                 "evaluation.max_new_tokens=8", "reference.precompute=false", "checkpointing.every=1", "checkpointing.keep_last=1",
                  "logging.progress=false"]
     command = [sys.executable, "-m", "align_cli.cli", "train", str(ROOT / "recipes" / "dpo.yaml"),
                "--output-dir", str(tmp_path / "run")]
