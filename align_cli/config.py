@@ -46,6 +46,13 @@ class ColumnMap(Section):
     preference_probability: str = Field(
         "preference_probability", description="Column holding P(chosen beats rejected) in [0, 1], used as a soft label "
                                               "by losses that take one (SRPO); optional, hard labels without it.")
+    chosen_win_probability: str = Field(
+        "chosen_win_probability", description="Column holding the chosen response's win probability P(y_w beats pi) "
+                                              "in [0, 1], SPPO's soft target; optional (hard label 1 without it). "
+                                              "APO writes it from the ranker's scores.")
+    rejected_win_probability: str = Field(
+        "rejected_win_probability", description="Column holding the rejected response's win probability P(y_l beats "
+                                                "pi) in [0, 1] (SPPO); optional (hard label 0 without it).")
     completions: str = Field("completions", description="`format: rated_to_triples`: column holding the list of rated "
                                                         "responses (UltraFeedback-style).")
     response: str = Field("response", description="`format: rated_to_triples`: key of a response's text inside each "

@@ -15,12 +15,18 @@ equal scores as ties (no preference: the pair is dropped). Three kinds, chosen i
   cache). Each response meets every other of its prompt once (K(K-1)/2 calls); its score is the sum of
   its win probabilities, the round-robin ranking that PairRM gives the SPPO/APO pipelines. The base URL
   and the key come from environment variables named in the recipe.
+
+SPPO's soft targets: each ranker also turns a prompt's K scores into win probabilities against the
+sampling policy, `P(y_i > pi) = (1/K) sum_j P(y_i > y_j)` over all K samples, the self-comparison
+counting 1/2, as the SPPO authors' pipeline does (github.com/uclaml/SPPO, scripts/compute_prob.py,
+with a Bradley-Terry `P(y_i > y_j) = sigmoid(s_i - s_j)` on PairRM scores).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import math
 from itertools import combinations
 from pathlib import Path
 
@@ -38,8 +44,26 @@ def _instruction(prompt) -> str:
     return users[-1] if users else prompt[-1]["content"]
 
 
+def mean_pairwise_preference(scores: list[float], prefers) -> list[float]:
+    """`P(y_i > pi)`: the mean of `prefers(s_i, s_j)` over every j, i itself included."""
+    return [sum(prefers(mine, other) for other in scores) / len(scores) for mine in scores]
+
+
+def _step(mine: float, other: float) -> float:
+    return 1.0 if mine > other else 0.5 if mine == other else 0.0
+
+
+def _bradley_terry(mine: float, other: float) -> float:
+    return 1.0 / (1.0 + math.exp(other - mine))
+
+
 class RuleRanker:
     name = "rule"
+
+    @staticmethod
+    def win_probabilities(scores: list[float]) -> list[float]:
+        """A verifier's tiers are an order, not a scale: the better response wins outright, equals split."""
+        return mean_pairwise_preference(scores, _step)
 
     @staticmethod
     def score_one(response: str, answer: str) -> float:
@@ -68,6 +92,11 @@ class RewardModelRanker:
         self.judge = RewardModelJudge(location, batch_size=batch_size)
         self.name = self.judge.name
 
+    @staticmethod
+    def win_probabilities(scores: list[float]) -> list[float]:
+        """Rewards are Bradley-Terry logits: `P(y_i > y_j) = sigmoid(r_i - r_j)`."""
+        return mean_pairwise_preference(scores, _bradley_terry)
+
     def _render(self, prompt, response: str) -> str:
         tokenizer = self.judge.tokenizer
         if isinstance(prompt, str) or not tokenizer.chat_template:
@@ -91,6 +120,12 @@ class JudgeRanker:
         self.judge = judge
         self.name = judge.name
 
+    @staticmethod
+    def win_probabilities(scores: list[float]) -> list[float]:
+        """A score is the sum of the judge's verdicts against the K-1 others; with the self-comparison's 1/2
+        this is exactly the mean over all K."""
+        return [(score + 0.5) / len(scores) for score in scores]
+
     def score(self, rows: list[dict], samples: list[list[str]]) -> list[list[float]]:
         questions, owners = [], []
         for index, (row, texts) in enumerate(zip(rows, samples)):
@@ -107,6 +142,13 @@ class JudgeRanker:
             scores[index][second] += second_wins
             scores[index][first] += 1.0 - second_wins
         return scores
+
+
+def win_probabilities(ranker_name: str, scores: list[float]) -> list[float]:
+    """SPPO's `P(y_i > pi)` for each of a prompt's responses, from the scores of the ranker named `ranker_name`
+    (no ranker is loaded: the conversion depends only on what kind of score it is)."""
+    kinds = {"rule": RuleRanker, "reward_model": RewardModelRanker, "judge": JudgeRanker}
+    return kinds[ranker_name].win_probabilities(scores)
 
 
 def make_ranker(config, cache_dir: Path | None = None):

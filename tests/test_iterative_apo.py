@@ -72,6 +72,9 @@ def test_iterations_write_every_phase_and_the_table(apo_run):
     assert "1.5 x logp" in second["reference"] and "-0.5 x logp" in second["reference"]
     assert (run_dir / "final_model").resolve() == (run_dir / "iteration-2" / "train" / "final_model").resolve()
     assert json.loads((run_dir / "summary.json").read_text())["table"] == summary["table"]
+    pairs = [json.loads(line) for line in (run_dir / "iteration-1" / "pairs.jsonl").read_text().splitlines()]
+    # SPPO's soft targets travel with every pair: the best response beats the sampling policy more often than the worst
+    assert pairs and all(0 < p["rejected_win_probability"] < p["chosen_win_probability"] < 1 for p in pairs)
 
 
 def test_iteration_two_reference_is_the_extrapolated_anchor(apo_run, tokenizer):

@@ -11,7 +11,7 @@ import torch
 
 from align_cli.config import RankerConfig
 from align_cli.errors import UserError
-from align_cli.rankers import RewardModelRanker, RuleRanker, make_ranker
+from align_cli.rankers import RewardModelRanker, RuleRanker, make_ranker, win_probabilities
 from iterative_fixtures import reward_model_dir  # noqa: F401  (fixture)
 
 PROMPT = [{"role": "user", "content": "What is 3 + 4? Reply with just the equation and its result."}]
@@ -24,6 +24,33 @@ def test_rule_ranker_tiers():
     assert ranker.score([row], [texts]) == [[1.0, 1.0, 0.5, 0.25, 0.0]]
     with pytest.raises(UserError, match="answer"):
         ranker.score([{"prompt": PROMPT}], [["3 + 4 = 7"]])
+
+
+def _row_means_with_self_half(preference: torch.Tensor) -> list[float]:
+    """SPPO's P(y_i > pi) from a full K x K matrix of P(y_i > y_j), written out: diagonal 1/2, row mean."""
+    matrix = preference.clone().double()
+    matrix.fill_diagonal_(0.5)
+    return matrix.mean(dim=1).tolist()
+
+
+def test_win_probabilities_follow_the_sppo_pipeline():
+    rule = torch.tensor([1.0, 0.5, 0.5, 0.0])
+    step = (rule[:, None] > rule[None, :]).double() + 0.5 * (rule[:, None] == rule[None, :]).double()
+    assert win_probabilities("rule", rule.tolist()) == pytest.approx(_row_means_with_self_half(step))
+    assert win_probabilities("rule", rule.tolist()) == pytest.approx([0.875, 0.5, 0.5, 0.125])
+
+    rewards = torch.tensor([2.0, -1.0, 0.3, 0.3, 5.0], dtype=torch.float64)
+    bradley_terry = torch.sigmoid(rewards[:, None] - rewards[None, :])
+    assert win_probabilities("reward_model", rewards.tolist()) == pytest.approx(_row_means_with_self_half(bradley_terry))
+
+    # A judge's score is the sum of its verdicts against the others; the matrix behind it is any P with P + P^T = 1.
+    torch.manual_seed(0)
+    upper = torch.rand(4, 4, dtype=torch.float64).triu(1)
+    verdicts = upper + (1 - upper.T).tril(-1)
+    scores = (verdicts.sum(dim=1) - verdicts.diagonal()).tolist()
+    assert win_probabilities("judge", scores) == pytest.approx(_row_means_with_self_half(verdicts))
+    for kind, values in (("rule", rule.tolist()), ("reward_model", rewards.tolist()), ("judge", scores)):
+        assert sum(win_probabilities(kind, values)) == pytest.approx(len(values) / 2)  # each meeting hands out 1
 
 
 def test_reward_model_ranker_scores_the_chat_rendering(reward_model_dir):

@@ -204,3 +204,12 @@ def test_pair_rows_for_srpo_have_a_correct_chosen_answer():
     rng = random.Random(0)
     row = tasks.pair_row(tasks.make_problems(1, seed=3)[0], rng)
     assert tasks.is_correct(row["chosen"][0]["content"], row["answer"])
+
+
+def test_sppo_win_probabilities_reach_the_batch(tokenizer):
+    rows = [{"prompt": USER, "chosen": assistant("4"), "rejected": assistant("5"), "chosen_win_probability": w,
+             "rejected_win_probability": l} for w, l in ((0.875, 0.125), (0.75, 0.5))]
+    data, _ = tokenise_preferences(Dataset.from_list(rows), tokenizer, TokenisationSettings(128, 96), "t.jsonl")
+    batch = collate_groups([data[0], data[1]], ["chosen", "rejected"], tokenizer.pad_token_id)
+    assert batch.labels["chosen_win_probability"].tolist() == pytest.approx([0.875, 0.75])
+    assert batch.labels["rejected_win_probability"].tolist() == pytest.approx([0.125, 0.5])

@@ -67,7 +67,7 @@ GROUP_COLUMNS: dict[str, tuple[str, str]] = {
 }
 
 # Per-example label columns handed to losses as tensors when the data has them (soft labels).
-LABEL_COLUMNS = ("preference_probability",)
+LABEL_COLUMNS = ("preference_probability", "chosen_win_probability", "rejected_win_probability")
 
 
 @dataclass

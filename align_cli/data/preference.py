@@ -16,7 +16,9 @@ Extra sequences, tokenised only when the recipe's losses need their groups (`set
 - `gold` (TPO triples): `gold_ids`, the gold response after the same prompt, cut like a completion;
 - SRPO's revision groups: `revision_prompt_chosen_ids` / `revision_prompt_rejected_ids` (data/srpo.py,
   which also explains their truncation).
-A `preference_probability` column, when present, is kept as a per-example soft label.
+A `preference_probability` column (P(chosen beats rejected)), or `chosen_win_probability` and
+`rejected_win_probability` (each response's win probability against the sampling policy, SPPO), when present,
+are kept as per-example soft labels.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from .batching import LABEL_COLUMNS
 REQUIRED = ("chosen", "rejected")
 
 
-PAIR_COLUMNS = ("prompt", "chosen", "rejected", "gold", "preference_probability")
+PAIR_COLUMNS = ("prompt", "chosen", "rejected", "gold", "preference_probability", "chosen_win_probability",
+                "rejected_win_probability")
 
 
 @dataclass(frozen=True)

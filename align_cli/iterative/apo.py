@@ -23,7 +23,7 @@ from ..data.sources import train_prompt_rows
 from ..errors import UserError
 from ..extrapolation import AnchorLogps, anchor_terms
 from ..generation import SamplingSettings
-from ..rankers import make_ranker
+from ..rankers import make_ranker, win_probabilities
 from ..run_setup import load_task_rows
 from ..sampling import Sampler, sample_responses
 from . import loop
@@ -114,7 +114,9 @@ def run_apo(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | N
                                                       recipe.training.seed + iteration, get_ranker)
 
         def build_pairs() -> list[dict]:
-            found = [best_vs_worst(i, row["responses"], row_scores)
+            # Every pair carries its responses' win probabilities: SPPO's soft targets (losses that take none ignore them)
+            found = [best_vs_worst(i, row["responses"], row_scores,
+                                   win_probabilities(config.ranker.name, row_scores))
                      for i, (row, row_scores) in enumerate(zip(samples, scores))]
             return [as_row(pair, samples[pair.prompt_index]["prompt"]) for pair in found if pair is not None]
 

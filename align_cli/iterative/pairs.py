@@ -17,19 +17,25 @@ class Pair:
     rejected: str
     chosen_score: float
     rejected_score: float
+    chosen_win_probability: float | None = None
+    rejected_win_probability: float | None = None
 
     @property
     def gap(self) -> float:
         return self.chosen_score - self.rejected_score
 
 
-def best_vs_worst(prompt_index: int, responses: list[str], scores: list[float]) -> Pair | None:
-    """The highest- against the lowest-scored response (the first of each on ties), or None when all tie."""
+def best_vs_worst(prompt_index: int, responses: list[str], scores: list[float],
+                  win_probabilities: list[float] | None = None) -> Pair | None:
+    """The highest- against the lowest-scored response (the first of each on ties), or None when all tie.
+    `win_probabilities` (one per response, SPPO's soft targets) travel with the two kept responses."""
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     worst = min(range(len(scores)), key=lambda i: (scores[i], i))
     if scores[best] == scores[worst]:
         return None
-    return Pair(prompt_index, responses[best], responses[worst], scores[best], scores[worst])
+    chosen_win, rejected_win = (None, None) if win_probabilities is None else (win_probabilities[best],
+                                                                               win_probabilities[worst])
+    return Pair(prompt_index, responses[best], responses[worst], scores[best], scores[worst], chosen_win, rejected_win)
 
 
 def best_vs_each(prompt_index: int, responses: list[str], scores: list[float]) -> list[Pair]:
@@ -64,5 +70,9 @@ def as_row(pair: Pair, prompt) -> dict:
     def completion(text):
         return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
-    return {"prompt": prompt, "chosen": completion(pair.chosen), "rejected": completion(pair.rejected),
-            "chosen_score": pair.chosen_score, "rejected_score": pair.rejected_score}
+    row = {"prompt": prompt, "chosen": completion(pair.chosen), "rejected": completion(pair.rejected),
+           "chosen_score": pair.chosen_score, "rejected_score": pair.rejected_score}
+    if pair.chosen_win_probability is not None:
+        row.update(chosen_win_probability=pair.chosen_win_probability,
+                   rejected_win_probability=pair.rejected_win_probability)
+    return row
