@@ -141,6 +141,8 @@ def generate(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per generation batch."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Take the SRPO templates and system prompt from this recipe "
                                                                 "(default: the recipe.yaml of the model's run directory)."),
+    engine: str = typer.Option("auto", "--engine", help="auto (vLLM when installed and a GPU is present, else "
+                                                        "transformers) | transformers | vllm."),
 ):
     """Answer prompts with a model, optionally revising each answer K times (SRPO self-revision)."""
     import json
@@ -150,7 +152,7 @@ def generate(
 
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                 batch_size=batch_size)
-    summary = generate_to_file(model, prompts, split, output, revisions, settings, num_prompts, recipe)
+    summary = generate_to_file(model, prompts, split, output, revisions, settings, num_prompts, recipe, engine)
     typer.echo(json.dumps(summary, indent=2))
 
 

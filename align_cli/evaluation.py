@@ -6,7 +6,8 @@ import torch
 
 from . import tasks
 from .data.batching import collate_groups
-from .generation import SamplingSettings, generate
+from .engine import TransformersEngine
+from .generation import SamplingSettings
 
 
 @torch.no_grad()
@@ -39,7 +40,8 @@ def task_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, batch
                   system_prompt: str | None = None) -> dict:
     """Greedy answers to held-out task prompts, checked by the task's verifier."""
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
-    answers = [samples[0] for samples in generate(model, tokenizer, [r["prompt"] for r in rows], settings, system_prompt)]
+    engine = TransformersEngine(model, tokenizer, system_prompt)  # the live policy of the run
+    answers = [samples[0] for samples in engine.generate([r["prompt"] for r in rows], settings)]
     correct = [tasks.is_correct(text, row["answer"]) for text, row in zip(answers, rows)]
     lenient = [tasks.is_correct_lenient(text, row["answer"]) for text, row in zip(answers, rows)]
     return {

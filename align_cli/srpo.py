@@ -60,19 +60,17 @@ def revision_prompt(prompt, example: str, templates: Templates):
     return _apply(prompt, lambda content: _fill(templates.revision, content, example))
 
 
-def self_revise(model, tokenizer, prompts: list, revisions: int, settings, templates: Templates = Templates(),
-                system_prompt: str | None = None) -> list[list[str]]:
+def self_revise(engine, prompts: list, revisions: int, settings, templates: Templates = Templates()) -> list[list[str]]:
     """For each prompt, `[y_0, y_1, ..., y_K]`: y_0 answers the generation prompt, y_{k+1} the revision
-    prompt showing y_k. `settings` is a `generation.SamplingSettings` (num_samples must be 1)."""
-    from .generation import generate
-
+    prompt showing y_k. `engine` is an `align_cli.engine` engine; `settings` a `generation.SamplingSettings`
+    (num_samples must be 1)."""
     if settings.num_samples != 1:
         raise ValueError("self-revision generates one answer per prompt and round (num_samples=1)")
-    first = generate(model, tokenizer, [generation_prompt(p, templates) for p in prompts], settings, system_prompt)
+    first = engine.generate([generation_prompt(p, templates) for p in prompts], settings)
     chains = [[samples[0]] for samples in first]
     for _ in range(revisions):
         asked = [revision_prompt(p, chain[-1], templates) for p, chain in zip(prompts, chains)]
-        for chain, samples in zip(chains, generate(model, tokenizer, asked, settings, system_prompt)):
+        for chain, samples in zip(chains, engine.generate(asked, settings)):
             chain.append(samples[0])
     return chains
 
@@ -98,10 +96,12 @@ def revision_evaluation(model, tokenizer, rows: list[dict], revisions: int, temp
                         max_new_tokens: int, batch_size: int, system_prompt: str | None = None) -> dict:
     """Greedy self-revision on task rows (`prompt`, `answer`), scored by the shipped task's verifier."""
     from . import tasks
+    from .engine import TransformersEngine
     from .generation import SamplingSettings
 
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
-    chains = self_revise(model, tokenizer, [r["prompt"] for r in rows], revisions, settings, templates, system_prompt)
+    engine = TransformersEngine(model, tokenizer, system_prompt)  # the live policy of the run
+    chains = self_revise(engine, [r["prompt"] for r in rows], revisions, settings, templates)
     results = revision_scores(chains, [r["answer"] for r in rows], tasks.is_correct)
     results["revision_examples"] = [{"answer": row["answer"], "revisions": chain} for row, chain in list(zip(rows, chains))[:3]]
     return results
@@ -130,7 +130,7 @@ def templates_for_model(model: str, recipe_path: str | None = None) -> tuple[Tem
 
 
 def generate_to_file(model_name: str, prompts_source: str, split: str, output: str, revisions: int, settings,
-                     num_prompts: int | None = None, recipe_path: str | None = None) -> dict:
+                     num_prompts: int | None = None, recipe_path: str | None = None, engine: str = "auto") -> dict:
     """`align generate`: answer every prompt, revise each answer `revisions` times, and write one JSON line per
     prompt with `revisions: [y_0, ..., y_K]` (and, where the rows carry an `answer`, whether each is correct by the
     shipped task's verifier). Returns a summary (with per-revision scores when answers exist)."""
@@ -141,7 +141,8 @@ def generate_to_file(model_name: str, prompts_source: str, split: str, output: s
     from .config import ModelConfig
     from .data.sources import load_source
     from .errors import UserError
-    from .models import inference_device, load_causal_lm, load_tokenizer, resolve_dtype
+    from .engine import open_engine
+    from .models import load_tokenizer, resolve_dtype
 
     dataset = load_source(prompts_source, split)
     if "prompt" not in dataset.column_names:
@@ -150,10 +151,12 @@ def generate_to_file(model_name: str, prompts_source: str, split: str, output: s
     rows = [dataset[i] for i in range(min(num_prompts or len(dataset), len(dataset)))]
     templates, system_prompt, origin = templates_for_model(model_name, recipe_path)
     config = ModelConfig(name=model_name)
-    tokenizer = load_tokenizer(config)
-    model = load_causal_lm(model_name, config, resolve_dtype("auto"))
-    model.to(inference_device())
-    chains = self_revise(model, tokenizer, [r["prompt"] for r in rows], revisions, settings, templates, system_prompt)
+    served_by = open_engine(model_name, load_tokenizer(config), config, resolve_dtype("auto"), engine, system_prompt,
+                            settings.seed)
+    try:
+        chains = self_revise(served_by, [r["prompt"] for r in rows], revisions, settings, templates)
+    finally:
+        served_by.close()
     with_answers = all("answer" in r and r["answer"] is not None for r in rows)
     path = Path(output).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +166,8 @@ def generate_to_file(model_name: str, prompts_source: str, split: str, output: s
             if with_answers:
                 record.update(answer=row["answer"], correct=[tasks.is_correct(text, row["answer"]) for text in chain])
             handle.write(json.dumps(record) + "\n")
-    summary = {"output": str(path), "prompts": len(rows), "revisions": revisions, "templates": origin}
+    summary = {"output": str(path), "prompts": len(rows), "revisions": revisions, "templates": origin,
+               "engine": served_by.name}
     if with_answers:
         summary.update(revision_scores(chains, [r["answer"] for r in rows], tasks.is_correct))
     return summary

@@ -6,7 +6,8 @@ import torch
 
 from align_cli.extrapolation import ExtrapolatedLogits, extrapolated_logits_factory, extrapolated_weights
 from align_cli.generation import SamplingSettings, generate, render_prompts
-from align_cli.sampling import Sampler, choose_engine, sample_responses
+from align_cli.engine import choose_engine
+from align_cli.sampling import Sampler, sample_responses
 
 ALPHA = 0.4
 PROMPTS = [[{"role": "user", "content": "What is 3 + 4?"}],
@@ -103,7 +104,7 @@ def test_engine_choice_and_modes(two_models, tiny_model_dir, tokenizer):
     _, _, directory = two_models
     assert Sampler(str(directory), None, ALPHA, "extrapolated_logits").mode == "policy"   # first iteration
     assert Sampler(str(directory), str(tiny_model_dir), 0.0, "extrapolated_weights").mode == "policy"
-    assert choose_engine("auto", "extrapolated_logits") == "transformers"
+    assert choose_engine("auto", needs_transformers=True) == "transformers"
     from align_cli.config import ModelConfig
 
     responses, info = sample_responses(

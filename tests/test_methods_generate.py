@@ -15,18 +15,27 @@ from conftest import write_jsonl
 USER = [{"role": "user", "content": "What is 2 + 3? Reply with just the equation and its result."}]
 
 
-def test_each_revision_sees_the_previous_answer(monkeypatch):
-    import align_cli.generation as generation
+class RecordingEngine:
+    """Answers round r with `answer{r}` and records what each round was asked (the loop is under test here,
+    not a model)."""
 
-    asked = []
+    name = "recording"
 
-    def fake_generate(model, tokenizer, prompts, settings, system_prompt=None):
-        asked.append(prompts)
-        return [[f"answer{len(asked) - 1}"] for _ in prompts]
+    def __init__(self):
+        self.asked = []
 
-    monkeypatch.setattr(generation, "generate", fake_generate)
+    def generate(self, prompts, settings):
+        self.asked.append(prompts)
+        return [[f"answer{len(self.asked) - 1}"] for _ in prompts]
+
+
+def test_each_revision_sees_the_previous_answer():
+    from align_cli.generation import SamplingSettings
+
+    engine = RecordingEngine()
+    asked = engine.asked
     templates = Templates(revision="{prompt} | improve: {example}")
-    chains = self_revise(None, None, [USER, "plain?"], 2, generation.SamplingSettings(), templates)
+    chains = self_revise(engine, [USER, "plain?"], 2, SamplingSettings(), templates)
     assert chains == [["answer0", "answer1", "answer2"]] * 2
     assert asked[0] == [USER, "plain?"], "y_0 answers the unchanged prompt (default generation template)"
     assert asked[1][1] == "plain? | improve: answer0" and asked[2][1] == "plain? | improve: answer1"

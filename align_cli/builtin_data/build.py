@@ -4,6 +4,7 @@ The files are committed so that a run reads exactly the same rows on every machi
 documents how they were made and rewrites them identically (fixed seeds).
 """
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -36,5 +37,47 @@ def main() -> None:
         _write(f"arithmetic_prompts.{split}", [tasks.prompt_row(p) for p in split_problems])
 
 
+# Self-revision pairs: the rejected answer is one of the embedded model's own wrong samples, so SRPO's
+# self-improvement policy learns to repair the errors it will be shown at inference (its own y_0), not
+# only the synthetic ones above. Made once with the base model and committed like the rest.
+SELF_PAIR_SAMPLES, SELF_PAIR_TEMPERATURE, SELF_PAIR_MAX_TOKENS = 4, 1.0, 12
+
+
+def own_wrong_answer(samples: list[str], answer: str) -> str | None:
+    """The first non-empty sample the strict verifier rejects, or None when every sample is right."""
+    return next((s.strip() for s in samples if s.strip() and not tasks.is_correct(s, answer)), None)
+
+
+def self_pair_rows(problems: list, samples: list[list[str]], rng: random.Random) -> list[dict]:
+    rows = []
+    for problem, drawn in zip(problems, samples):
+        synthetic = tasks.pair_row(problem, rng)
+        rejected = own_wrong_answer(drawn, problem.target)
+        rows.append({**synthetic, "rejected": synthetic["rejected"] if rejected is None
+                     else [{"role": "assistant", "content": rejected}]})
+    return rows
+
+
+def build_self_pairs() -> None:
+    from align_cli.config import ModelConfig
+    from align_cli.generation import SamplingSettings, generate
+    from align_cli.models import load_causal_lm, load_tokenizer, resolve_dtype
+
+    config = ModelConfig()  # the embedded model
+    tokenizer, model = load_tokenizer(config), load_causal_lm(config.name, config, resolve_dtype("float32"))
+    settings = SamplingSettings(max_new_tokens=SELF_PAIR_MAX_TOKENS, temperature=SELF_PAIR_TEMPERATURE,
+                                num_samples=SELF_PAIR_SAMPLES, seed=0, batch_size=32)
+    problems = tasks.make_problems(TRAIN_PROBLEMS + TEST_PROBLEMS, seed=1234)
+    for split, split_problems in {"train": problems[:TRAIN_PROBLEMS], "test": problems[TRAIN_PROBLEMS:]}.items():
+        samples = generate(model, tokenizer, [tasks.prompt_row(p)["prompt"] for p in split_problems], settings)
+        _write(f"arithmetic_self_pairs.{split}", self_pair_rows(split_problems, samples, random.Random(f"self-{split}")))
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--self-pairs", action="store_true",
+                        help="(Re)write arithmetic_self_pairs from the embedded model's own samples (minutes on CPU).")
+    if parser.parse_args().self_pairs:
+        build_self_pairs()
+    else:
+        main()

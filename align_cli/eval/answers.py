@@ -34,24 +34,29 @@ def answered(path: Path, generator: str, revisions: int) -> dict[str, dict]:
 
 
 def generate_outputs(load_model: Callable, rows: list[dict], generator: str, path: Path, settings: SamplingSettings,
-                     templates: Templates = Templates(), system_prompt: str | None = None,
-                     revisions: int = 0) -> tuple[list[dict], int]:
+                     templates: Templates = Templates(), revisions: int = 0) -> tuple[list[dict], int]:
     """Model outputs for `rows` (in their order) and how many were generated now.
 
-    `load_model()` returns (model, tokenizer); it is called only if something is left to answer."""
+    `load_model()` returns the generation engine (`align_cli.engine`); it is called only if something is left
+    to answer."""
     done = answered(path, generator, revisions)
     todo = [row for row in rows if row["instruction"] not in done]
     wanted = {row["instruction"] for row in rows}
     # rows of earlier runs on other instructions (a larger --limit) stay in the file
     kept = [row for row in (read_records(path) if path.is_file() else []) if row.get("instruction") not in wanted]
     if todo:
-        model, tokenizer = load_model()
-        for start in range(0, len(todo), settings.batch_size):
-            chunk = todo[start: start + settings.batch_size]
-            prompts = [[{"role": "user", "content": row["instruction"]}] for row in chunk]
-            chains = self_revise(model, tokenizer, prompts, revisions, settings, templates, system_prompt)
-            for row, chain in zip(chunk, chains):
-                chain = [text.strip() for text in chain]
-                done[row["instruction"]] = model_output_row(row, chain[-1], generator, chain if revisions else None)
-            write_json(path, [done[row["instruction"]] for row in rows if row["instruction"] in done] + kept)
+        engine = load_model()
+        # Chunks of `save_every` rows (the batch size): a killed evaluation loses at most one chunk. vLLM batches
+        # internally, so a larger chunk only changes how often the file is written.
+        save_every = settings.batch_size if engine.name == "transformers" else max(settings.batch_size, 256)
+        try:
+            for start in range(0, len(todo), save_every):
+                chunk = todo[start: start + save_every]
+                prompts = [[{"role": "user", "content": row["instruction"]}] for row in chunk]
+                for row, chain in zip(chunk, self_revise(engine, prompts, revisions, settings, templates)):
+                    chain = [text.strip() for text in chain]
+                    done[row["instruction"]] = model_output_row(row, chain[-1], generator, chain if revisions else None)
+                write_json(path, [done[row["instruction"]] for row in rows if row["instruction"] in done] + kept)
+        finally:
+            engine.close()
     return [done[row["instruction"]] for row in rows], len(todo)

@@ -52,6 +52,8 @@ def evaluate(
     seed: int = typer.Option(0, "--seed", help="Sampling seed, and the seed of the judge's output-order randomisation."),
     system_prompt: str | None = typer.Option(None, "--system-prompt"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16."),
+    engine: str = typer.Option("auto", "--engine", help="Generation engine: auto (vLLM when installed and a GPU is "
+                                                        "present, else transformers) | transformers | vllm."),
     revisions: int = typer.Option(0, "--revisions", min=0, help="SRPO self-revision: revise each answer K times; the last revision is judged."),
     recipe: str | None = typer.Option(None, "--recipe", help="Take SRPO's prompt templates and the system prompt from this recipe (default: the recipe.yaml of the model's run directory)."),
     judge_model: str | None = typer.Option(None, "--judge-model", help="reward_model: a local model directory; openai: the served model name."),
@@ -86,7 +88,7 @@ def evaluate(
     settings = EvalSettings(
         model=model, instructions=instructions, judge=judge_settings, output_dir=output_dir, reference=reference,
         name=name, limit=limit, system_prompt=system_prompt, revisions=revisions, recipe=recipe,
-        difficulty=difficulty, dtype=dtype,
+        difficulty=difficulty, dtype=dtype, engine=engine,
         sampling=SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                   batch_size=batch_size))
     summary = run_evaluation(settings)

@@ -39,6 +39,7 @@ class EvalSettings:
     recipe: str | None = None         # SRPO templates and system prompt (default: the run directory's recipe)
     difficulty: str | None = None
     dtype: str = "auto"
+    engine: str = "auto"              # generation engine: auto | transformers | vllm (align_cli.engine)
 
 
 def safe_name(text: str) -> str:
@@ -66,14 +67,15 @@ def default_name(model: str, revisions: int) -> str:
     return base + (f"+revisions{revisions}" if revisions else "")
 
 
-def _loader(model_location: str, dtype: str):
+def _engine_opener(model_location: str, dtype: str, engine: str, system_prompt: str | None, seed: int):
     def load():
         from ..config import ModelConfig
-        from ..models import inference_device, load_causal_lm, load_tokenizer, resolve_dtype
+        from ..engine import open_engine
+        from ..models import load_tokenizer, resolve_dtype
 
         config = ModelConfig(name=model_location, dtype=dtype)
-        model = load_causal_lm(model_location, config, resolve_dtype(dtype)).to(inference_device())
-        return model, load_tokenizer(config)
+        return open_engine(model_location, load_tokenizer(config), config, resolve_dtype(dtype), engine, system_prompt,
+                           seed)
     return load
 
 
@@ -129,9 +131,10 @@ def run_evaluation(settings: EvalSettings) -> dict:
     name = settings.name or default_name(model_location, settings.revisions)
     model_dir = settings.output_dir / safe_name(name)
     templates, recipe_system_prompt, _ = templates_for_model(model_location, settings.recipe)
-    outputs, generated = generate_outputs(_loader(model_location, settings.dtype), rows, name,
-                                          model_dir / "model_outputs.json", settings.sampling, templates,
-                                          settings.system_prompt or recipe_system_prompt, settings.revisions)
+    opener = _engine_opener(model_location, settings.dtype, settings.engine,
+                            settings.system_prompt or recipe_system_prompt, settings.sampling.seed)
+    outputs, generated = generate_outputs(opener, rows, name, model_dir / "model_outputs.json", settings.sampling,
+                                          templates, settings.revisions)
 
     pairs = _pairs(rows, references, outputs, name)
     judgments = judge.judge(pairs)
