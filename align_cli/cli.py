@@ -6,7 +6,6 @@ Exit codes: 0 success; 2 bad input (one paragraph, no traceback); 1 internal fai
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -44,7 +43,8 @@ def train(
     import json
 
     from .recipe import load_recipe
-    from .trainer import Interrupted, train as run_training
+    from .trainer import Interrupted
+    from .trainer import train as run_training
 
     loaded, path = load_recipe(recipe, set_)
     if accelerate_config:  # validated above; now the same command once per process
@@ -65,7 +65,7 @@ def train(
     except Interrupted as stop:
         _echo_err(f"Interrupted at step {stop.step}; checkpoint saved in {stop.checkpoint}. "
                   f"Continue with: align train {recipe} --resume" + (f" --output-dir {output_dir}" if output_dir else ""))
-        raise typer.Exit(128 + stop.signal_number)
+        raise typer.Exit(128 + stop.signal_number) from None
     before, after = summary["before"], summary["after"]
     shown = ["loss", "rewards/accuracies", "likelihood_accuracy", "task_accuracy"]
     typer.echo(json.dumps({"run_dir": str(Path(summary["final_model_dir"] or ".").parent),

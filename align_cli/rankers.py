@@ -24,9 +24,9 @@ with a Bradley-Terry `P(y_i > y_j) = sigmoid(s_i - s_j)` on PairRM scores).
 
 from __future__ import annotations
 
+import math
 import os
 import re
-import math
 from itertools import combinations
 from pathlib import Path
 

@@ -14,7 +14,6 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-
 from .config import LossTerm, Recipe
 from .errors import UserError
 

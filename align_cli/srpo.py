@@ -140,8 +140,8 @@ def generate_to_file(model_name: str, prompts_source: str, split: str, output: s
     from . import tasks
     from .config import ModelConfig
     from .data.sources import load_source
-    from .errors import UserError
     from .engine import open_engine
+    from .errors import UserError
     from .models import load_tokenizer, resolve_dtype
 
     dataset = load_source(prompts_source, split)

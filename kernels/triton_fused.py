@@ -257,7 +257,8 @@ def fused_forward(hidden, weight, bias, labels, with_entropy: bool, inv_temp: fl
     n, h = hidden.shape
     vocab = weight.shape[0]
     partial = torch.empty((4, SPLITS, n), dtype=torch.float32, device=hidden.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * SPLITS,)
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]) * SPLITS,)
     _launch(
         _forward_tuned, _forward_kernel, grid,
         hidden, weight, weight if bias is None else bias, labels, partial,
@@ -274,7 +275,8 @@ def fused_grad_logits(out, hidden, weight, bias, labels, lse, entropy, grad_lp, 
     """out[: n1 - n0, : v1 - v0] = gradient of the raw logits of rows [n0, n1) x vocabulary [v0, v1)."""
     h = hidden.shape[1]
     unused = lse  # stands in for the pointers a flag switches off
-    grid = lambda meta: (triton.cdiv(n1 - n0, meta["BLOCK_N"]) * triton.cdiv(v1 - v0, meta["BLOCK_V"]),)
+    def grid(meta):
+        return (triton.cdiv(n1 - n0, meta["BLOCK_N"]) * triton.cdiv(v1 - v0, meta["BLOCK_V"]),)
     _launch(
         _grad_logits_tuned, _grad_logits_kernel, grid,
         hidden, weight, weight if bias is None else bias, labels, lse,

@@ -70,11 +70,14 @@ def needs_reference(function: Callable) -> bool:
 
 
 # Importing the modules fills the registry.
-from . import dpo, fdpo, sppo, srpo, tpo  # noqa: E402,F401
-from . import d3s, hapo, rl  # noqa: E402,F401
+from . import d3s, dpo, fdpo, hapo, rl, sppo, srpo, tpo  # noqa: E402,F401  # noqa: E402,F401
 from .d3s import d3s_schedule, max_variance_subset, select_samples, select_tokens  # noqa: E402,F401
 from .hapo import (  # noqa: E402,F401
-    EntropyStats, adaptive_clip_bounds, adaptive_temperature, entropy_signal, redistribute_advantages,
+    EntropyStats,
+    adaptive_clip_bounds,
+    adaptive_temperature,
+    entropy_signal,
+    redistribute_advantages,
     token_level_group_advantages,
 )
 from .rl import group_advantages, k3_kl  # noqa: E402,F401

@@ -6,12 +6,12 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import align
 
 from align_cli.config import ModelConfig
 from align_cli.engine import TransformersEngine, choose_engine, open_engine, vllm_usable
 from align_cli.errors import UserError
 from align_cli.generation import SamplingSettings
-from conftest import align
 
 PROMPTS = [[{"role": "user", "content": "What is 2 + 3?"}], "Plain text prompt:"]
 

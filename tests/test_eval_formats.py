@@ -7,8 +7,15 @@ from typer.testing import CliRunner
 
 from align_cli.cli import app
 from align_cli.errors import UserError
-from align_cli.eval.formats import (join_references, load_annotations, load_difficulty, load_instruction_set,
-                                    model_output_row, read_records, write_json)
+from align_cli.eval.formats import (
+    join_references,
+    load_annotations,
+    load_difficulty,
+    load_instruction_set,
+    model_output_row,
+    read_records,
+    write_json,
+)
 
 
 def _rows(count, output_prefix="ref"):

@@ -13,8 +13,14 @@ import torch
 from align_cli.errors import UserError
 from align_cli.eval.judges.cache import JudgmentCache
 from align_cli.eval.judges.openai_judge import OpenAIJudge
-from align_cli.eval.judges.protocol import (choice_preference, discrete_preference, is_switched, shown_order,
-                                            unswitch, weighted_preference)
+from align_cli.eval.judges.protocol import (
+    choice_preference,
+    discrete_preference,
+    is_switched,
+    shown_order,
+    unswitch,
+    weighted_preference,
+)
 from align_cli.eval.judges.reward_model import RewardModelJudge
 from align_cli.eval.judges.rule import RuleJudge, rule_preference
 

@@ -35,8 +35,9 @@ import torch
 
 class ChatModel:
     def __init__(self, location: str, served_name: str):
-        from align_cli.models import resolve_model_location
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from align_cli.models import resolve_model_location
 
         resolved = resolve_model_location(location)
         self.tokenizer = AutoTokenizer.from_pretrained(resolved)

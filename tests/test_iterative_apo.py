@@ -8,12 +8,11 @@ import signal
 import pytest
 import torch
 import yaml
+from iterative_fixtures import completion_logp, load_weights, pair_rows, prompt_rows, reward_model_dir, write_jsonl  # noqa: F401
 
 from align_cli.iterative.apo import run_apo
 from align_cli.recipe import load_recipe
 from align_cli.trainer import Interrupted
-from iterative_fixtures import (completion_logp, load_weights, pair_rows, prompt_rows, reward_model_dir,  # noqa: F401
-                                write_jsonl)
 
 BETA = 0.1
 

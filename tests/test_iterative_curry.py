@@ -5,10 +5,10 @@ import json
 
 import pytest
 import yaml
+from iterative_fixtures import completion_logp, rated_rows, write_jsonl
 
 from align_cli.iterative.curry import curriculum, run_curry
 from align_cli.recipe import load_recipe
-from iterative_fixtures import completion_logp, rated_rows, write_jsonl
 
 
 def curry_recipe(directory, model_dir, **curry):

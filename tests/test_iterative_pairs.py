@@ -2,8 +2,7 @@
 dropped, and the unshuffled data order a curriculum trains in."""
 
 from align_cli.data.batching import DataOrder
-from align_cli.iterative.pairs import (as_row, best_vs_each, best_vs_worst, curriculum_stages, easy_to_hard,
-                                       order_by)
+from align_cli.iterative.pairs import as_row, best_vs_each, best_vs_worst, curriculum_stages, easy_to_hard, order_by
 
 
 def test_best_vs_worst_takes_extremes_and_drops_all_tied():

@@ -207,8 +207,8 @@ def test_pair_rows_for_srpo_have_a_correct_chosen_answer():
 
 
 def test_sppo_win_probabilities_reach_the_batch(tokenizer):
-    rows = [{"prompt": USER, "chosen": assistant("4"), "rejected": assistant("5"), "chosen_win_probability": w,
-             "rejected_win_probability": l} for w, l in ((0.875, 0.125), (0.75, 0.5))]
+    rows = [{"prompt": USER, "chosen": assistant("4"), "rejected": assistant("5"), "chosen_win_probability": win,
+             "rejected_win_probability": loss} for win, loss in ((0.875, 0.125), (0.75, 0.5))]
     data, _ = tokenise_preferences(Dataset.from_list(rows), tokenizer, TokenisationSettings(128, 96), "t.jsonl")
     batch = collate_groups([data[0], data[1]], ["chosen", "rejected"], tokenizer.pad_token_id)
     assert batch.labels["chosen_win_probability"].tolist() == pytest.approx([0.875, 0.75])

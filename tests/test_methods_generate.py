@@ -5,12 +5,11 @@ import shutil
 import sys
 
 import yaml
+from conftest import write_jsonl
 
 from align_cli import srpo
 from align_cli.cli import main
 from align_cli.srpo import Templates, revision_scores, self_revise, templates_for_model
-
-from conftest import write_jsonl
 
 USER = [{"role": "user", "content": "What is 2 + 3? Reply with just the equation and its result."}]
 

@@ -3,12 +3,11 @@
 import random
 
 import pytest
+from conftest import write_jsonl
 
 from align_cli import tasks
 from align_cli.recipe import load_recipe
 from align_cli.trainer import train
-
-from conftest import write_jsonl
 
 NO_TASK = {"evaluation__task": None, "output__save_final_model": False, "checkpointing__every": None,
            "logging__tensorboard": False, "training__max_steps": 2}
@@ -85,8 +84,9 @@ def test_tpo_alpha_zero_skips_the_gold_forward(tiny_recipe, rated_file, spy_grou
 
 
 def test_tpo_l_on_triple_columns(tiny_recipe, tmp_path, rated_file):
-    from align_cli.data.triples import rated_to_triple
     import json
+
+    from align_cli.data.triples import rated_to_triple
 
     rows = [json.loads(line) for line in rated_file.read_text().splitlines()]
     triples = [{**{k: v for k, v in rated_to_triple(r["prompt"], r["completions"]).items() if k != "gold"},

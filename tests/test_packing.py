@@ -68,7 +68,7 @@ def test_layout_shares_each_prompt_once_and_names_every_target():
         assert batch.target_labels.numel() == completions
         assert torch.all(batch.target_sequence[1:] >= batch.target_sequence[:-1]), "sequence-major order"
         # every target's predictor holds the token right before the label in its own sequence
-        for position, label in zip(batch.target_positions.tolist(), batch.target_labels.tolist()):
+        for position in batch.target_positions.tolist():
             assert batch.attention_mask[0, position] == 1
     # the chosen completion of example 0 starts right after its prompt, at the prompt's length
     first = examples[0]

@@ -60,8 +60,8 @@ def test_resume_matches_uninterrupted(tiny_recipe, tmp_path):
     resumed = final_weights(tmp_path / "interrupted")
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-    steps = [json.loads(l)["step"] for l in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["split"] == "train"]
+    records = [json.loads(line) for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in records if record["split"] == "train"]
     assert steps == [1, 2, 3, 4]
 
 
