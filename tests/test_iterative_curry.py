@@ -2,26 +2,31 @@
 stage's model; the single-stage ordered pass; the reference-margin criterion against a hand computation."""
 
 import json
+import os
+import signal
 
 import pytest
+import torch
 import yaml
-from iterative_fixtures import completion_logp, rated_rows, write_jsonl
+from iterative_fixtures import completion_logp, load_weights, prompt_rows, rated_rows, reward_model_dir, write_jsonl  # noqa: F401
 
 from align_cli.iterative.curry import curriculum, run_curry
 from align_cli.recipe import load_recipe
+from align_cli.trainer import Interrupted
 
 
-def curry_recipe(directory, model_dir, **curry):
+def curry_recipe(directory, model_dir, train=None, checkpoint_every=None, **curry):
     directory.mkdir(parents=True, exist_ok=True)
     rated = write_jsonl(directory / "rated.jsonl", rated_rows(8))   # 4 rated responses: 3 pairs per prompt
     recipe = {
         "model": {"name": str(model_dir), "dtype": "float32"},
-        "data": {"train": {"source": str(rated)}, "eval_fraction": 0.25, "max_length": 96, "max_prompt_length": 80},
+        "data": {"train": {"source": str(train or rated)}, "eval_fraction": 0.25, "max_length": 96,
+                 "max_prompt_length": 80},
         "method": {"name": "curry_dpo", "losses": [{"name": "dpo", "beta": 0.1}], "curry_dpo": curry},
         "training": {"learning_rate": 1e-3, "batch_size": 2, "num_epochs": 1, "seed": 1, "warmup_ratio": 0.0,
                      "lr_scheduler": "constant"},
         "logging": {"progress": False, "tensorboard": False},
-        "checkpointing": {"every": None},
+        "checkpointing": {"every": checkpoint_every, "keep_last": 1},
         "evaluation": {"task": None},
         "output": {"dir": str(directory / "run")},
     }
@@ -89,3 +94,50 @@ def test_a_curriculum_needs_a_reference_loss(tmp_path, tiny_model_dir):
         type(recipe.method.losses[0])(name="sft")]})})
     with pytest.raises(UserError, match="reference"):
         run_curry(recipe, path)
+
+
+def test_resume_in_the_middle_of_a_stage(tmp_path, tiny_model_dir):
+    straight = run_curry(*curry_recipe(tmp_path / "straight", tiny_model_dir, stages=2))
+    steps_first = straight["stages"][1]["steps"]
+    recipe, path = curry_recipe(tmp_path / "killed", tiny_model_dir, checkpoint_every=1, stages=2)
+    calls = []
+
+    def interrupt_in_stage_two(step):
+        calls.append(step)
+        if len(calls) == steps_first + 1:  # the first step of stage 2
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        run_curry(recipe, path, on_step_end=interrupt_in_stage_two)
+    run_dir = tmp_path / "killed" / "run"
+    assert not (run_dir / "stage-2" / "train" / "summary.json").exists()
+    stamps = {name: (run_dir / name).stat().st_mtime_ns for name in
+              ("rated.jsonl", "stage-1/pairs.jsonl", "stage-1/train/final_model/model.safetensors", "stage-2/pairs.jsonl")}
+    resumed_steps = []
+    run_curry(recipe, path, resume=True, on_step_end=resumed_steps.append)
+    assert {name: (run_dir / name).stat().st_mtime_ns for name in stamps} == stamps  # nothing redone
+    assert resumed_steps and resumed_steps[0] == 2  # continued after the checkpointed step 1 of stage 2
+    resumed = load_weights(run_dir / "stage-2" / "train" / "final_model")
+    expected = load_weights(tmp_path / "straight" / "run" / "stage-2" / "train" / "final_model")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_generated_responses_are_sampled_and_ranked(tmp_path, tiny_model_dir, reward_model_dir):
+    from align_cli.rankers import RewardModelRanker
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(8))
+    recipe, path = curry_recipe(tmp_path, tiny_model_dir, train=prompts, responses="generated", samples_per_prompt=3,
+                                max_new_tokens=4, temperature=1.0, generation_batch_size=4, stages=1,
+                                ranker={"name": "reward_model", "model": str(reward_model_dir)})
+    run_curry(recipe, path)
+    rated = read_jsonl(tmp_path / "run" / "rated.jsonl")
+    assert [row["prompt"] for row in rated] == [row["prompt"] for row in prompt_rows(8)]
+    assert all(len(row["responses"]) == 3 and len(set(row["responses"])) > 1 for row in rated)  # sampled, T = 1
+    scores = RewardModelRanker(str(reward_model_dir), batch_size=2).score(rated, [row["responses"] for row in rated])
+    for row, row_scores in zip(rated, scores):
+        assert row["scores"] == pytest.approx(row_scores, abs=1e-5)
+    pairs = read_jsonl(tmp_path / "run" / "stage-1" / "pairs.jsonl")
+    best = {json.dumps(row["prompt"]): row["responses"][max(range(3), key=lambda i: (row["scores"][i], -i))]
+            for row in rated}
+    assert pairs and all(pair["chosen"][0]["content"] == best[json.dumps(pair["prompt"])] for pair in pairs)
