@@ -281,6 +281,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
         "losses": [term.model_dump() for term in recipe.method.losses],
         "model": recipe.model.name,
         "steps": state["step"],
+        "processes": accelerator.num_processes,
         "train_rows": len(run.train_data),
         "eval_rows": len(run.eval_data),
         "data_report": run.data_report,

@@ -169,3 +169,37 @@ def test_alpha_zero_is_iterative_dpo(tmp_path, tiny_model_dir, reward_model_dir,
     dpo_weights = load_weights(tmp_path / "dpo-2" / "final_model")
     for name, tensor in dpo_weights.items():
         torch.testing.assert_close(apo_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_two_processes_split_the_sampling_and_share_every_phase(tmp_path, tiny_model_dir, reward_model_dir):
+    """`align train` of an APO recipe under torchrun (CPU, gloo; `accelerate launch` does the same on GPUs):
+    each process samples half the prompts, the main process writes every phase once, training is distributed."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = apo_recipe(tmp_path, tiny_model_dir, reward_model_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), "-m", "align_cli.cli", "train", str(path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    for iteration in (1, 2):
+        folder = run_dir / f"iteration-{iteration}"
+        sampling = json.loads((folder / "sampling.json").read_text())
+        assert sampling["processes"] == 2 and sampling["engine"] == "transformers"
+        samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+        prompts = [row["prompt"] for row in prompt_rows(16)][(iteration - 1) * 8: iteration * 8]
+        assert [row["prompt"] for row in samples] == prompts  # the two halves gathered back in order
+        assert all(len(row["responses"]) == 3 for row in samples)
+        assert not list(folder.glob(".*.tmp")), "no half-written phase file"
+        train = json.loads((folder / "train" / "summary.json").read_text())
+        assert train["steps"] >= 1 and train["processes"] == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [row["iteration"] for row in summary["iterations"]] == [0, 1, 2]
+    assert (run_dir / "final_model").resolve() == (run_dir / "iteration-2" / "train" / "final_model").resolve()
+    assert done.stdout.count("APO (alpha=") == 1, "the table is printed once, by the main process"

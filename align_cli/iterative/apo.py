@@ -25,7 +25,7 @@ from ..extrapolation import AnchorLogps, anchor_terms
 from ..generation import SamplingSettings
 from ..rankers import make_ranker, win_probabilities
 from ..run_setup import load_task_rows
-from ..sampling import Sampler, sample_responses
+from ..sampling import Sampler
 from . import loop
 from .pairs import as_row, best_vs_worst
 
@@ -67,16 +67,16 @@ def generate_and_rank(recipe: Recipe, config, folder: Path, rows: list[dict], sa
         started = time.time()
         folder.mkdir(parents=True, exist_ok=True)
         tokenizer = load_tokenizer(recipe.model.model_copy(update={"name": sampler.current}), recipe.data.chat_template)
-        responses, info = sample_responses(sampler, tokenizer, [row["prompt"] for row in rows], settings,
-                                           model_config=recipe.model, dtype=resolve_dtype(recipe.model.dtype),
-                                           system_prompt=recipe.data.system_prompt, engine=config.engine,
-                                           workdir=folder)
-        write_json_atomic(folder / "sampling.json", {**info, "seed": seed, "seconds": round(time.time() - started, 1),
-                                                          "settings": settings.__dict__})
+        responses, info = loop.sample_across_processes(
+            sampler, tokenizer, [row["prompt"] for row in rows], settings, folder, model_config=recipe.model,
+            dtype=resolve_dtype(recipe.model.dtype), system_prompt=recipe.data.system_prompt, engine=config.engine)
+        if loop.processes().is_main_process:
+            write_json_atomic(folder / "sampling.json", {**info, "seed": seed, "settings": settings.__dict__,
+                                                         "seconds": round(time.time() - started, 1)})
         return [{"prompt": row["prompt"], "answer": row.get("answer"), "responses": texts}
                 for row, texts in zip(rows, responses)]
 
-    samples = loop.phase(folder / "samples.jsonl", sample)
+    samples = loop.phase(folder / "samples.jsonl", sample, every_process=True)
     rankings = loop.phase(folder / "rankings.jsonl", lambda: [
         {"scores": scores} for scores in ranker_cache().score(samples, [row["responses"] for row in samples])])
     info = loop.json_phase(folder / "sampling.json", lambda: {})
@@ -146,7 +146,7 @@ def run_apo(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | N
 
     final_model = loop.link_final_model(run_dir, history[-1] if len(history) > 1 else None)
     text = loop.format_table(table, TABLE)
-    print(f"\nAPO (alpha={config.alpha}, sample_from={config.sample_from}, ranker={config.ranker.name})\n{text}\n",
+    loop.processes().print(f"\nAPO (alpha={config.alpha}, sample_from={config.sample_from}, ranker={config.ranker.name})\n{text}\n",
           flush=True)
     speeds = [s["tokens_per_second"] for s in summaries if s.get("tokens_per_second")]
     summary = {"recipe": str(recipe_path) if recipe_path else None, "method": "apo", "model": recipe.model.name,
@@ -158,5 +158,6 @@ def run_apo(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | N
                "final_model_dir": final_model,
                "tokens_per_second": round(sum(speeds) / len(speeds), 1) if speeds else 0.0,
                "wall_seconds_this_process": round(time.time() - started, 1)}
-    write_json_atomic(run_dir / "summary.json", summary)
+    if loop.processes().is_main_process:
+        write_json_atomic(run_dir / "summary.json", summary)
     return summary

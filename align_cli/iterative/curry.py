@@ -31,7 +31,7 @@ from ..errors import UserError
 from ..generation import SamplingSettings
 from ..rankers import make_ranker
 from ..run_setup import load_task_rows
-from ..sampling import Sampler, sample_responses
+from ..sampling import Sampler
 from . import loop
 from .pairs import Pair, as_row, best_vs_each, curriculum_stages, easy_to_hard, order_by
 
@@ -70,12 +70,14 @@ def generated_rows(recipe: Recipe, run_dir: Path) -> list[dict]:
     settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                 top_p=config.top_p, num_samples=config.samples_per_prompt, seed=recipe.training.seed,
                                 batch_size=config.generation_batch_size)
-    responses, _ = sample_responses(Sampler(recipe.model.name), load_tokenizer(recipe.model, recipe.data.chat_template),
-                                    [row["prompt"] for row in prompts], settings, model_config=recipe.model,
-                                    dtype=resolve_dtype(recipe.model.dtype), system_prompt=recipe.data.system_prompt,
-                                    engine=config.engine, workdir=run_dir)
+    responses, _ = loop.sample_across_processes(
+        Sampler(recipe.model.name), load_tokenizer(recipe.model, recipe.data.chat_template),
+        [row["prompt"] for row in prompts], settings, run_dir, model_config=recipe.model,
+        dtype=resolve_dtype(recipe.model.dtype), system_prompt=recipe.data.system_prompt, engine=config.engine)
     samples = [{"prompt": row["prompt"], "answer": row.get("answer"), "responses": texts}
                for row, texts in zip(prompts, responses)]
+    if not loop.processes().is_main_process:
+        return samples  # only the main process's rows are written (`loop.phase`); ranking runs there
     scores = make_ranker(config.ranker, run_dir).score(samples, responses)
     return [{**sample, "scores": row_scores} for sample, row_scores in zip(samples, scores)]
 
@@ -132,7 +134,8 @@ def run_curry(recipe: Recipe, recipe_path: Path | None = None, output_dir: str |
     loop.set_threads(recipe)
     started = time.time()
     rated = loop.phase(run_dir / "rated.jsonl",
-                       lambda: rated_rows(recipe) if config.responses == "rated" else generated_rows(recipe, run_dir))
+                       lambda: rated_rows(recipe) if config.responses == "rated" else generated_rows(recipe, run_dir),
+                       every_process=config.responses == "generated")
     per_prompt = curriculum(recipe, rated)
     if config.variant == "iterative":
         stages = curriculum_stages(per_prompt, config.stages)
@@ -170,7 +173,7 @@ def run_curry(recipe: Recipe, recipe_path: Path | None = None, output_dir: str |
 
     final_model = loop.link_final_model(run_dir, current if current != recipe.model.name else None)
     text = loop.format_table(table, TABLE)
-    print(f"\nCurry-DPO ({config.variant}, criterion {config.criterion})\n{text}\n", flush=True)
+    loop.processes().print(f"\nCurry-DPO ({config.variant}, criterion {config.criterion})\n{text}\n", flush=True)
     summary = {"recipe": str(recipe_path) if recipe_path else None, "method": "curry_dpo", "model": recipe.model.name,
                "variant": config.variant, "criterion": config.criterion, "responses": config.responses,
                "prompts": len(rated), "pairs_per_stage": [len(stage) for stage in stages],
@@ -179,5 +182,6 @@ def run_curry(recipe: Recipe, recipe_path: Path | None = None, output_dir: str |
                "after": {"task_accuracy": table[-1].get("task_accuracy")},
                "final_model_dir": final_model, "tokens_per_second": table[-1].get("tokens_per_second") or 0.0,
                "wall_seconds_this_process": round(time.time() - started, 1)}
-    write_json_atomic(run_dir / "summary.json", summary)
+    if loop.processes().is_main_process:
+        write_json_atomic(run_dir / "summary.json", summary)
     return summary

@@ -1,6 +1,11 @@
 """What the iterative methods share: the run directory and its resumable phases, the derived recipe of each
 iteration or stage, calling the pairwise trainer into a sub-directory, held-out task accuracy, the table.
 
+Several processes (`align train --accelerate-config ...`): every process runs the loop; the training phase
+is the distributed pairwise trainer; sampling is split across the processes (`sharded`: each samples its
+slice of the prompts, and the slices are gathered back in order); every other phase is computed and written
+by the main process while the others wait at a barrier, then all read the same file.
+
 Resuming: every phase of an iteration (samples, rankings, pairs, evaluation) writes one file atomically
 and is skipped when that file exists; the training phase is the pairwise trainer's own run directory
 (`iteration-N/train/`), which resumes from its last checkpoint. A killed run therefore continues at the
@@ -25,25 +30,38 @@ from ..errors import UserError
 MARKER = "iterative.json"
 
 
+def processes():
+    """The processes of an `accelerate launch` (accelerate's `PartialState`; one process without a launcher)."""
+    from accelerate import PartialState
+
+    # cpu=True as the trainer's Accelerator has it without a GPU: else accelerate sees one process on CPU
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def open_run_dir(recipe: Recipe, recipe_path: Path | None, output_dir: str | None, resume: bool,
                  overwrite: bool) -> Path:
     """The run directory of an iterative method, with the same rules as the pairwise trainer's."""
     stem = recipe_path.stem if recipe_path else "run"
     run_dir = Path(output_dir or recipe.output.dir.format(recipe=stem))
+    state = processes()
+    state.wait_for_everyone()  # every process looks before the main process writes
     started = (run_dir / MARKER).exists()
     if started and not resume and not overwrite:
         raise UserError(f"Output directory '{run_dir}' already holds a run. Pass --resume to continue it, "
                         f"--overwrite to replace it, or --output-dir to write elsewhere.")
     if resume and not started:
         raise UserError(f"--resume: '{run_dir}' holds no {recipe.method.name} run to resume. Run without --resume to start.")
-    if overwrite and not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not started:
-        import yaml
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if overwrite and not resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not started:
+            import yaml
 
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-        write_json_atomic(run_dir / MARKER, {"method": recipe.method.name, "started": time.time()})
+            (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+            write_json_atomic(run_dir / MARKER, {"method": recipe.method.name, "started": time.time()})
+    state.wait_for_everyone()
     return run_dir
 
 
@@ -58,22 +76,44 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def phase(path: Path, compute: Callable[[], list[dict]]) -> list[dict]:
+def _finished_or_computed(path: Path, compute: Callable, write: Callable, read: Callable, every_process: bool):
+    """A phase's result: read from its file, or computed now (by the main process alone, or by every process
+    when `compute` splits its own work across them) and written atomically by the main process."""
+    state = processes()
+    done = path.exists()
+    state.wait_for_everyone()  # nobody may see the file the main process is about to write as "already done"
+    if not done and (every_process or state.is_main_process):
+        result = compute()
+        if state.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(path, result)
+    state.wait_for_everyone()
+    return read(path)
+
+
+def phase(path: Path, compute: Callable[[], list[dict]], every_process: bool = False) -> list[dict]:
     """The rows of a finished phase from its file, or computed now and written atomically."""
-    if path.exists():
-        return read_jsonl(path)
-    rows = compute()
-    write_jsonl(path, rows)
-    return rows
+    return _finished_or_computed(path, compute, write_jsonl, read_jsonl, every_process)
 
 
-def json_phase(path: Path, compute: Callable[[], dict]) -> dict:
-    if path.exists():
-        return json.loads(path.read_text())
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, result)
-    return result
+def json_phase(path: Path, compute: Callable[[], dict], every_process: bool = False) -> dict:
+    return _finished_or_computed(path, compute, write_json_atomic, lambda p: json.loads(p.read_text()), every_process)
+
+
+def sharded(items: list, compute: Callable[[list, int], list]) -> list:
+    """`compute(items, rank)` with the items split across the processes (process r takes items r, r+n, ...),
+    the results gathered back in the items' order. One process: `compute(items, 0)`."""
+    state = processes()
+    if state.num_processes == 1:
+        return compute(items, 0)
+    from accelerate.utils import gather_object
+
+    mine = compute(items[state.process_index::state.num_processes], state.process_index)
+    slices = gather_object([mine])  # one list per process, in rank order
+    results: list = [None] * len(items)
+    for rank, part in enumerate(slices):
+        results[rank::state.num_processes] = part
+    return results
 
 
 def require_reference_loss(recipe: Recipe) -> None:
@@ -133,11 +173,40 @@ def task_evaluation(location: str, recipe: Recipe, rows: list[dict]) -> dict:
                          recipe.data.system_prompt)
 
 
+# Process r samples with seed + r * this: the processes' random streams never coincide.
+PROCESS_SEED_STRIDE = 1_000_003
+
+
+def sample_across_processes(sampler, tokenizer, prompts: list, settings, workdir: Path, **engine_options):
+    """`sampling.sample_responses` with the prompts split across the processes (`sharded`). With one process
+    it is exactly `sample_responses`; with several, process r samples with seed + r * PROCESS_SEED_STRIDE,
+    so the samples depend on the process count (like the data order of a distributed run)."""
+    from dataclasses import replace
+
+    from ..sampling import sample_responses
+
+    made: dict = {}
+
+    def draw(part: list, rank: int) -> list:
+        responses, info = sample_responses(sampler, tokenizer, part,
+                                           replace(settings, seed=settings.seed + PROCESS_SEED_STRIDE * rank),
+                                           workdir=workdir / f"process-{rank}" if rank else workdir, **engine_options)
+        made.update(info)
+        return responses
+
+    responses = sharded(prompts, draw)
+    return responses, {**made, "processes": processes().num_processes}
+
+
 def link_final_model(run_dir: Path, final_model: str | None) -> str | None:
     """`run_dir/final_model` pointing at the last iteration's model (a relative link: the run dir can move)."""
     if final_model is None:
         return None
     link = run_dir / "final_model"
+    state = processes()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return str(link)
     if link.is_symlink() or link.exists():
         link.unlink() if link.is_symlink() else shutil.rmtree(link)
     link.symlink_to(os.path.relpath(final_model, run_dir))
