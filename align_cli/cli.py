@@ -135,7 +135,11 @@ def generate(
     split: str = typer.Option("test", "--split", help="Split of --prompts."),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts", min=1, help="Use only the first N prompts."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Generation budget per answer."),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="Of y_0 (and of the revisions unless "
+                                                                           "--revision-temperature is given). 0: greedy."),
+    revision_temperature: Optional[float] = typer.Option(None, "--revision-temperature", min=0.0,
+                                                         help="Of y_1..y_K (default: --temperature). E.g. sampled "
+                                                              "drafts revised greedily: --temperature 1 --revision-temperature 0."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per generation batch."),
@@ -146,13 +150,16 @@ def generate(
 ):
     """Answer prompts with a model, optionally revising each answer K times (SRPO self-revision)."""
     import json
+    from dataclasses import replace
 
     from .generation import SamplingSettings
     from .srpo import generate_to_file
 
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                 batch_size=batch_size)
-    summary = generate_to_file(model, prompts, split, output, revisions, settings, num_prompts, recipe, engine)
+    revision_settings = None if revision_temperature is None else replace(settings, temperature=revision_temperature)
+    summary = generate_to_file(model, prompts, split, output, revisions, settings, num_prompts, recipe, engine,
+                               revision_settings)
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -125,6 +125,10 @@ class SrpoConfig(Section):
     revisions: int = Field(
         2, ge=0, description="Self-revisions y_1..y_K evaluated before and after training on the evaluation task "
                              "(greedy): the summary reports each revision's accuracy and how often it beats y_0.")
+    draft_temperature: float = Field(
+        0.0, ge=0.0, description="Also evaluate revisions of sampled drafts: y_0 ~ pi(.|x) at this temperature "
+                                 "(seeded by training.seed), revisions greedy; reported under `sampled_draft/`. "
+                                 "0: only the all-greedy evaluation.")
 
     @model_validator(mode="after")
     def _check_placeholders(self) -> "SrpoConfig":

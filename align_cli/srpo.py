@@ -60,17 +60,19 @@ def revision_prompt(prompt, example: str, templates: Templates):
     return _apply(prompt, lambda content: _fill(templates.revision, content, example))
 
 
-def self_revise(engine, prompts: list, revisions: int, settings, templates: Templates = Templates()) -> list[list[str]]:
+def self_revise(engine, prompts: list, revisions: int, settings, templates: Templates = Templates(),
+                revision_settings=None) -> list[list[str]]:
     """For each prompt, `[y_0, y_1, ..., y_K]`: y_0 answers the generation prompt, y_{k+1} the revision
-    prompt showing y_k. `engine` is an `align_cli.engine` engine; `settings` a `generation.SamplingSettings`
-    (num_samples must be 1)."""
-    if settings.num_samples != 1:
+    prompt showing y_k. `engine` is an `align_cli.engine` engine; `settings` (a `generation.SamplingSettings`,
+    num_samples 1) decodes y_0 and, unless `revision_settings` is given, the revisions too."""
+    revision_settings = revision_settings or settings
+    if settings.num_samples != 1 or revision_settings.num_samples != 1:
         raise ValueError("self-revision generates one answer per prompt and round (num_samples=1)")
     first = engine.generate([generation_prompt(p, templates) for p in prompts], settings)
     chains = [[samples[0]] for samples in first]
     for _ in range(revisions):
         asked = [revision_prompt(p, chain[-1], templates) for p, chain in zip(prompts, chains)]
-        for chain, samples in zip(chains, engine.generate(asked, settings)):
+        for chain, samples in zip(chains, engine.generate(asked, revision_settings)):
             chain.append(samples[0])
     return chains
 
@@ -93,17 +95,27 @@ def revision_scores(chains: list[list[str]], answers: list, is_correct) -> dict:
 
 
 def revision_evaluation(model, tokenizer, rows: list[dict], revisions: int, templates: Templates,
-                        max_new_tokens: int, batch_size: int, system_prompt: str | None = None) -> dict:
-    """Greedy self-revision on task rows (`prompt`, `answer`), scored by the shipped task's verifier."""
+                        max_new_tokens: int, batch_size: int, system_prompt: str | None = None,
+                        draft_temperature: float = 0.0, seed: int = 0) -> dict:
+    """Self-revision on task rows (`prompt`, `answer`), scored by the shipped task's verifier: all greedy, and,
+    with `draft_temperature` > 0, greedy revisions of drafts y_0 sampled at that temperature (`sampled_draft/`)."""
+    from dataclasses import replace
+
     from . import tasks
     from .engine import TransformersEngine
     from .generation import SamplingSettings
 
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+    greedy = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size, seed=seed)
     engine = TransformersEngine(model, tokenizer, system_prompt)  # the live policy of the run
-    chains = self_revise(engine, [r["prompt"] for r in rows], revisions, settings, templates)
-    results = revision_scores(chains, [r["answer"] for r in rows], tasks.is_correct)
-    results["revision_examples"] = [{"answer": row["answer"], "revisions": chain} for row, chain in list(zip(rows, chains))[:3]]
+    prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    chains = self_revise(engine, prompts, revisions, greedy, templates)
+    results = revision_scores(chains, answers, tasks.is_correct)
+    results["revision_examples"] = [{"answer": a, "revisions": chain} for a, chain in list(zip(answers, chains))[:3]]
+    if draft_temperature > 0:
+        drafted = self_revise(engine, prompts, revisions, replace(greedy, temperature=draft_temperature), templates,
+                              revision_settings=greedy)
+        results.update({f"sampled_draft/{key}": value
+                        for key, value in revision_scores(drafted, answers, tasks.is_correct).items()})
     return results
 
 
@@ -130,7 +142,8 @@ def templates_for_model(model: str, recipe_path: str | None = None) -> tuple[Tem
 
 
 def generate_to_file(model_name: str, prompts_source: str, split: str, output: str, revisions: int, settings,
-                     num_prompts: int | None = None, recipe_path: str | None = None, engine: str = "auto") -> dict:
+                     num_prompts: int | None = None, recipe_path: str | None = None, engine: str = "auto",
+                     revision_settings=None) -> dict:
     """`align generate`: answer every prompt, revise each answer `revisions` times, and write one JSON line per
     prompt with `revisions: [y_0, ..., y_K]` (and, where the rows carry an `answer`, whether each is correct by the
     shipped task's verifier). Returns a summary (with per-revision scores when answers exist)."""
@@ -154,7 +167,7 @@ def generate_to_file(model_name: str, prompts_source: str, split: str, output: s
     served_by = open_engine(model_name, load_tokenizer(config), config, resolve_dtype("auto"), engine, system_prompt,
                             settings.seed)
     try:
-        chains = self_revise(served_by, [r["prompt"] for r in rows], revisions, settings, templates)
+        chains = self_revise(served_by, [r["prompt"] for r in rows], revisions, settings, templates, revision_settings)
     finally:
         served_by.close()
     with_answers = all("answer" in r and r["answer"] is not None for r in rows)

@@ -149,9 +149,11 @@ def _measure(run: RunInputs, model, objective, reference) -> dict:
         if recipe.method.name == "srpo" and recipe.method.srpo.revisions:
             from .srpo import Templates, revision_evaluation
 
-            results.update(revision_evaluation(model, run.tokenizer, run.task_rows, recipe.method.srpo.revisions,
-                                               Templates.from_config(recipe.method.srpo), recipe.evaluation.max_new_tokens,
-                                               recipe.evaluation.batch_size, recipe.data.system_prompt))
+            srpo = recipe.method.srpo
+            results.update(revision_evaluation(model, run.tokenizer, run.task_rows, srpo.revisions,
+                                               Templates.from_config(srpo), recipe.evaluation.max_new_tokens,
+                                               recipe.evaluation.batch_size, recipe.data.system_prompt,
+                                               srpo.draft_temperature, recipe.training.seed))
     return results
 
 
