@@ -21,10 +21,11 @@ class RecordingEngine:
     name = "recording"
 
     def __init__(self):
-        self.asked = []
+        self.asked, self.temperatures = [], []
 
     def generate(self, prompts, settings):
         self.asked.append(prompts)
+        self.temperatures.append(settings.temperature)
         return [[f"answer{len(self.asked) - 1}"] for _ in prompts]
 
 
@@ -40,6 +41,15 @@ def test_each_revision_sees_the_previous_answer():
     assert asked[1][1] == "plain? | improve: answer0" and asked[2][1] == "plain? | improve: answer1"
     assert asked[2][0][-1]["content"] == USER[0]["content"] + " | improve: answer1"
     assert USER[0]["content"].endswith("result."), "the caller's prompt is not modified"
+    assert engine.temperatures == [0.0, 0.0, 0.0]
+
+
+def test_sampled_drafts_can_be_revised_greedily():
+    from align_cli.generation import SamplingSettings
+
+    engine = RecordingEngine()
+    self_revise(engine, ["q?"], 2, SamplingSettings(temperature=1.0), revision_settings=SamplingSettings())
+    assert engine.temperatures == [1.0, 0.0, 0.0]  # y_0 sampled, y_1 and y_2 greedy
 
 
 def test_revision_scores_count_wins_and_losses_against_y0():

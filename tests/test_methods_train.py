@@ -99,7 +99,7 @@ def test_tpo_l_on_triple_columns(tiny_recipe, tmp_path, rated_file):
 
 
 def test_srpo_scores_six_groups_with_policy_and_reference_and_reports_revisions(tiny_recipe, spy_groups):
-    summary = run(tiny_recipe(method__name="srpo", method__losses=[{"name": "srpo"}], method__srpo={"revisions": 1},
+    summary = run(tiny_recipe(method__name="srpo", method__losses=[{"name": "srpo"}], method__srpo={"revisions": 1, "draft_temperature": 1.0},
                               data__max_length=140, data__max_prompt_length=80,
                               evaluation__num_prompts=2, evaluation__max_new_tokens=3,
                               **{**NO_TASK, "evaluation__task": "arithmetic"}))
@@ -109,4 +109,5 @@ def test_srpo_scores_six_groups_with_policy_and_reference_and_reports_revisions(
     assert spy_groups["reference"] == {tuple(sorted(f"ref_{g}" for g in groups))}
     for when in ("before", "after"):
         assert {"revision_0/accuracy", "revision_1/accuracy", "revision_1/win_rate_vs_0"} <= set(summary[when])
+        assert {"sampled_draft/revision_0/accuracy", "sampled_draft/revision_1/wins_vs_0"} <= set(summary[when])
     assert summary["after"]["loss"] < summary["before"]["loss"]

@@ -34,3 +34,22 @@ def test_shipped_files_match_the_generator():
     assert [r["answer"] for r in test] == [p.target for p in problems[TRAIN_PROBLEMS:]]
     train_questions = {r["prompt"][0]["content"] for r in train}
     assert not train_questions & {r["prompt"][0]["content"] for r in test}, "held-out prompts are unseen"
+
+
+def test_self_pairs_reject_the_models_own_wrong_samples():
+    from align_cli.builtin_data.build import own_wrong_answer, self_pair_rows
+
+    problem = tasks.make_problems(1, seed=3)[0]
+    assert own_wrong_answer([problem.target, "  ", f" {problem.expression} = 0 ", "later"], problem.target) == \
+        f"{problem.expression} = 0"
+    assert own_wrong_answer([problem.target, problem.target + "."], problem.target) is None
+    rows = self_pair_rows([problem, problem], [["I think it is 3"], [problem.target]], random.Random(0))
+    assert rows[0]["rejected"] == [{"role": "assistant", "content": "I think it is 3"}]
+    assert not tasks.is_correct(rows[1]["rejected"][0]["content"], problem.target)  # all right: a synthetic one
+
+    prompts = load_source("builtin:arithmetic_prompts", "train")
+    shipped = load_source("builtin:arithmetic_self_pairs", "train")
+    assert [r["prompt"] for r in shipped] == [r["prompt"] for r in prompts]
+    for row in shipped:
+        assert tasks.is_correct(row["chosen"][0]["content"], row["answer"])
+        assert not tasks.is_correct(row["rejected"][0]["content"], row["answer"])
