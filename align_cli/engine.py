@@ -99,9 +99,8 @@ class VLLMEngine:
 def open_engine(location: str, tokenizer, model_config, dtype: torch.dtype, requested: str = "auto",
                 system_prompt: str | None = None, seed: int = 0) -> Engine:
     """An engine over the model saved at `location` (a directory, or builtin:NAME / a hub id for transformers)."""
-    from .models import freeze, inference_device, load_causal_lm, resolve_model_location
+    from .models import load_for_inference, resolve_model_location
 
     if choose_engine(requested) == "vllm":
         return VLLMEngine(resolve_model_location(location), tokenizer, dtype, system_prompt, seed=seed)
-    model = freeze(load_causal_lm(location, model_config, dtype)).to(inference_device())
-    return TransformersEngine(model, tokenizer, system_prompt)
+    return TransformersEngine(load_for_inference(location, model_config, dtype), tokenizer, system_prompt)

@@ -96,6 +96,11 @@ def freeze(model):
     return model
 
 
+def load_for_inference(name: str, config: ModelConfig, dtype: torch.dtype):
+    """A frozen model on `inference_device()`: what sampling, generation and held-out evaluation run."""
+    return freeze(load_causal_lm(name, config, dtype)).to(inference_device())
+
+
 def reference_context(policy, separate_reference):
     """How to run the reference: its own frozen model, or the policy with LoRA adapters disabled."""
     if separate_reference is not None:

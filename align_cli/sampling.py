@@ -15,7 +15,7 @@ import torch
 from .engine import Engine, TransformersEngine, VLLMEngine, choose_engine
 from .extrapolation import extrapolated_logits_factory, extrapolated_weights, save_directory
 from .generation import SamplingSettings
-from .models import freeze, inference_device, load_causal_lm, resolve_model_location
+from .models import load_for_inference, resolve_model_location
 
 SAMPLE_FROM = ("extrapolated_logits", "extrapolated_weights", "policy")
 
@@ -35,14 +35,10 @@ class Sampler:
         return "policy" if self.previous is None or self.alpha == 0 else self.sample_from
 
 
-def _load(location: str, model_config, dtype) -> torch.nn.Module:
-    return freeze(load_causal_lm(location, model_config, dtype)).to(inference_device())
-
-
 def _policy_model(sampler: Sampler, model_config, dtype) -> torch.nn.Module:
-    model = _load(sampler.current, model_config, dtype)
+    model = load_for_inference(sampler.current, model_config, dtype)
     if sampler.mode == "extrapolated_weights":
-        previous = _load(sampler.previous, model_config, dtype)
+        previous = load_for_inference(sampler.previous, model_config, dtype)
         extrapolated_weights(model, previous, sampler.alpha)
         del previous
     return model
@@ -59,7 +55,7 @@ def sampler_engine(sampler: Sampler, tokenizer, *, model_config, dtype, system_p
         return VLLMEngine(resolve_model_location(location), tokenizer, dtype, system_prompt, seed=seed)
     factory = None
     if mode == "extrapolated_logits":
-        factory = extrapolated_logits_factory(_load(sampler.previous, model_config, dtype), sampler.alpha)
+        factory = extrapolated_logits_factory(load_for_inference(sampler.previous, model_config, dtype), sampler.alpha)
     return TransformersEngine(_policy_model(sampler, model_config, dtype), tokenizer, system_prompt, factory)
 
 

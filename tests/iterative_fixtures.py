@@ -1,7 +1,9 @@
 """Fixtures and independent computations shared by the tests of the iterative methods (APO, Curry-DPO)."""
 
 import json
+import os
 import random
+import signal
 
 import pytest
 import torch
@@ -66,3 +68,16 @@ def load_weights(directory):
     from safetensors.torch import load_file
 
     return load_file(str(directory / "model.safetensors"))
+
+
+def sigint_on_call(number: int):
+    """An `on_step_end` hook that sends this process SIGINT at its `number`-th call (1-based), as a user's
+    Ctrl-C would, across the trainer runs of an iterative method."""
+    calls = []
+
+    def hook(step: int) -> None:
+        calls.append(step)
+        if len(calls) == number:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return hook

@@ -3,12 +3,19 @@ iterative DPO written out by hand, resume in the middle of an iteration, and the
 
 import json
 import os
-import signal
 
 import pytest
 import torch
 import yaml
-from iterative_fixtures import completion_logp, load_weights, pair_rows, prompt_rows, reward_model_dir, write_jsonl  # noqa: F401
+from iterative_fixtures import (  # noqa: F401
+    completion_logp,
+    load_weights,
+    pair_rows,
+    prompt_rows,
+    reward_model_dir,
+    sigint_on_call,
+    write_jsonl,
+)
 
 from align_cli.iterative.apo import run_apo
 from align_cli.recipe import load_recipe
@@ -109,15 +116,8 @@ def test_resume_in_the_middle_of_an_iteration(apo_run, tmp_path, tiny_model_dir,
     directory, _ = apo_run
     path = apo_recipe(tmp_path, tiny_model_dir, reward_model_dir)
     steps_first = json.loads((directory / "run" / "iteration-1" / "train" / "summary.json").read_text())["steps"]
-    calls = []
-
-    def interrupt_in_iteration_two(step):
-        calls.append(step)
-        if len(calls) == steps_first + 1:  # the first step of iteration 2
-            os.kill(os.getpid(), signal.SIGINT)
-
     with pytest.raises(Interrupted):
-        run(path, on_step_end=interrupt_in_iteration_two)
+        run(path, on_step_end=sigint_on_call(steps_first + 1))  # the first step of iteration 2
     run_dir = tmp_path / "run"
     assert not (run_dir / "iteration-2" / "train" / "summary.json").exists()
     stamps = {name: (run_dir / name).stat().st_mtime_ns for name in

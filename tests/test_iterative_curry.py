@@ -2,13 +2,19 @@
 stage's model; the single-stage ordered pass; the reference-margin criterion against a hand computation."""
 
 import json
-import os
-import signal
 
 import pytest
 import torch
 import yaml
-from iterative_fixtures import completion_logp, load_weights, prompt_rows, rated_rows, reward_model_dir, write_jsonl  # noqa: F401
+from iterative_fixtures import (
+    completion_logp,
+    load_weights,
+    prompt_rows,
+    rated_rows,
+    reward_model_dir,  # noqa: F401  (fixture)
+    sigint_on_call,
+    write_jsonl,
+)
 
 from align_cli.iterative.curry import curriculum, run_curry
 from align_cli.recipe import load_recipe
@@ -100,15 +106,8 @@ def test_resume_in_the_middle_of_a_stage(tmp_path, tiny_model_dir):
     straight = run_curry(*curry_recipe(tmp_path / "straight", tiny_model_dir, stages=2))
     steps_first = straight["stages"][1]["steps"]
     recipe, path = curry_recipe(tmp_path / "killed", tiny_model_dir, checkpoint_every=1, stages=2)
-    calls = []
-
-    def interrupt_in_stage_two(step):
-        calls.append(step)
-        if len(calls) == steps_first + 1:  # the first step of stage 2
-            os.kill(os.getpid(), signal.SIGINT)
-
     with pytest.raises(Interrupted):
-        run_curry(recipe, path, on_step_end=interrupt_in_stage_two)
+        run_curry(recipe, path, on_step_end=sigint_on_call(steps_first + 1))  # the first step of stage 2
     run_dir = tmp_path / "killed" / "run"
     assert not (run_dir / "stage-2" / "train" / "summary.json").exists()
     stamps = {name: (run_dir / name).stat().st_mtime_ns for name in

@@ -60,16 +60,17 @@ def self_pair_rows(problems: list, samples: list[list[str]], rng: random.Random)
 
 def build_self_pairs() -> None:
     from align_cli.config import ModelConfig
-    from align_cli.generation import SamplingSettings, generate
-    from align_cli.models import load_causal_lm, load_tokenizer, resolve_dtype
+    from align_cli.engine import open_engine
+    from align_cli.generation import SamplingSettings
+    from align_cli.models import load_tokenizer, resolve_dtype
 
     config = ModelConfig()  # the embedded model
-    tokenizer, model = load_tokenizer(config), load_causal_lm(config.name, config, resolve_dtype("float32"))
+    engine = open_engine(config.name, load_tokenizer(config), config, resolve_dtype("float32"), "transformers")
     settings = SamplingSettings(max_new_tokens=SELF_PAIR_MAX_TOKENS, temperature=SELF_PAIR_TEMPERATURE,
                                 num_samples=SELF_PAIR_SAMPLES, seed=0, batch_size=32)
     problems = tasks.make_problems(TRAIN_PROBLEMS + TEST_PROBLEMS, seed=1234)
     for split, split_problems in {"train": problems[:TRAIN_PROBLEMS], "test": problems[TRAIN_PROBLEMS:]}.items():
-        samples = generate(model, tokenizer, [tasks.prompt_row(p)["prompt"] for p in split_problems], settings)
+        samples = engine.generate([tasks.prompt_row(p)["prompt"] for p in split_problems], settings)
         _write(f"arithmetic_self_pairs.{split}", self_pair_rows(split_problems, samples, random.Random(f"self-{split}")))
 
 

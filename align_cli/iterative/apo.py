@@ -146,8 +146,8 @@ def run_apo(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | N
 
     final_model = loop.link_final_model(run_dir, history[-1] if len(history) > 1 else None)
     text = loop.format_table(table, TABLE)
-    loop.processes().print(f"\nAPO (alpha={config.alpha}, sample_from={config.sample_from}, ranker={config.ranker.name})\n{text}\n",
-          flush=True)
+    loop.processes().print(f"\nAPO (alpha={config.alpha}, sample_from={config.sample_from}, "
+                           f"ranker={config.ranker.name})\n{text}\n", flush=True)
     speeds = [s["tokens_per_second"] for s in summaries if s.get("tokens_per_second")]
     summary = {"recipe": str(recipe_path) if recipe_path else None, "method": "apo", "model": recipe.model.name,
                "alpha": config.alpha, "sample_from": config.sample_from, "ranker": config.ranker.name,

@@ -89,15 +89,14 @@ def reference_margins(recipe: Recipe, rows: list[dict]) -> list[float]:
     import datasets
 
     from ..data.preference import TokenisationSettings, tokenise_preferences
-    from ..models import freeze, load_causal_lm, load_tokenizer, resolve_dtype
+    from ..models import load_for_inference, load_tokenizer, resolve_dtype
     from ..reference import LiveReference, compute_rows
 
     tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template)
     dataset, _ = tokenise_preferences(datasets.Dataset.from_list(rows), tokenizer, TokenisationSettings.from_recipe(recipe),
                                       "curriculum pairs", recipe.data.num_proc)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = freeze(load_causal_lm(recipe.reference.name or recipe.model.name, recipe.model,
-                                  resolve_dtype(recipe.model.dtype))).to(device)
+    model = load_for_inference(recipe.reference.name or recipe.model.name, recipe.model, resolve_dtype(recipe.model.dtype))
+    device = next(model.parameters()).device
     live = LiveReference(model, contextlib.nullcontext, recipe.training.fused_logprobs, ["chosen", "rejected"])
     table = {name: torch.full((len(dataset),), float("nan")) for name in live.groups}
     compute_rows(live, dataset, list(range(len(dataset))), tokenizer.pad_token_id, recipe.training.batch_size, device,

@@ -159,13 +159,11 @@ def set_threads(recipe: Recipe) -> None:
 def task_evaluation(location: str, recipe: Recipe, rows: list[dict]) -> dict:
     """Greedy held-out task accuracy of a checkpoint (the verifier of `evaluation.task`)."""
     from ..evaluation import task_accuracy
-    from ..models import freeze, load_causal_lm, load_tokenizer, resolve_dtype
+    from ..models import load_for_inference, load_tokenizer, resolve_dtype
 
     if not rows:
         return {}
-    model = freeze(load_causal_lm(location, recipe.model, resolve_dtype(recipe.model.dtype)))
-    if torch.cuda.is_available():
-        model.to("cuda")
+    model = load_for_inference(location, recipe.model, resolve_dtype(recipe.model.dtype))
     tokenizer = load_tokenizer(recipe.model.model_copy(update={"name": location, "tokenizer": None}),
                                recipe.data.chat_template)
     evaluation = recipe.evaluation
