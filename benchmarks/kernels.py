@@ -2,9 +2,10 @@
 
     python benchmarks/kernels.py [--quick] [--out DIR]
 
-For each shape (bf16, random inputs, every label valid) it times forward+backward (median of repeated
-runs, CUDA events) and measures peak extra memory (max allocated minus what was allocated before the
-call; it includes the bf16 dH and dW that every method returns) of:
+For each shape (bf16, random inputs, every label valid) it times forward+backward with CUDA events, in
+rounds where every method runs once (order rotating; the median over rounds, and ratios of two methods
+taken within each round), and measures peak extra memory (max allocated minus what was allocated
+before the call; it includes the bf16 dH and dW that every method returns) of:
 
   naive    logits = h @ W.T, log_softmax in fp32, gather
   trl      trl.kernels.ChunkedLogProbFunction (TRL 1.16, chunk 32768 as its trainers use it)
@@ -15,7 +16,8 @@ call; it includes the bf16 dH and dW that every method returns) of:
 
 and `ours fwd` (`fwd fused`, `fwd tiles`), our forward alone without autograd (reference and rollout
 scoring).
-Writes kernels.json and kernels.md to --out (default: $OUT or the current directory).
+Writes kernels.json and kernels.md to --out (default: $OUT or the current directory), and each shape's
+row to kernels.jsonl as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import torch
 
 SHAPES_HV = [(896, 151936), (2048, 128256), (4096, 128256)]
 TOKENS = [4096, 16384, 65536]
-TARGET_SECONDS = 0.8  # per method and shape, after warm-up
+# Timed rounds per shape: as many as fit in ROUND_BUDGET_MS of GPU time, within [MIN_ROUNDS, MAX_ROUNDS].
+ROUND_BUDGET_MS, MIN_ROUNDS, MAX_ROUNDS = 6000, 5, 21
 
 
 def _import_trl():
@@ -118,21 +121,35 @@ def make_methods():
     return methods
 
 
-def time_cuda(fn, reset) -> list[float]:
-    """Median-ready list of milliseconds: two warm-ups, then enough runs for TARGET_SECONDS."""
-    for _ in range(2):
-        reset()
-        fn()
+def _elapsed_ms(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def interleaved_times(fns: dict, reset) -> dict[str, list[float]]:
+    """Milliseconds per method over rounds in which every method runs once, the order rotating each
+    round. A drift of the GPU's clocks or temperature then touches every method alike, and the ratio
+    of two methods can be taken within each round (paired)."""
+    names = list(fns)
+    for name in names:  # two warm-ups: compiling, autotuning and our strategy timing stay out
+        for _ in range(2):
+            reset()
+            fns[name]()
     torch.cuda.synchronize()
-    times = []
-    while len(times) < 3 or (sum(times) < TARGET_SECONDS * 1e3 and len(times) < 15):
+    first = {}
+    for name in names:
         reset()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        first[name] = _elapsed_ms(fns[name])
+    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, ROUND_BUDGET_MS // max(sum(first.values()), 1e-3))))
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            reset()
+            times[name].append(_elapsed_ms(fns[name]))
     return times
 
 
@@ -157,7 +174,14 @@ def floor_fn(n, h, v, hidden, weight):
         torch.mm(logits, weight, out=dh)
         torch.mm(logits.t(), hidden, out=dw)
 
-    return run, (logits, dh, dw)
+    return run
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+PAIRS = [("trl", "ours"), ("liger", "ours"), ("ours", "floor")]
 
 
 def bench_shape(methods, n, h, v):
@@ -170,26 +194,36 @@ def bench_shape(methods, n, h, v):
     def reset():
         hidden.grad = weight.grad = None
 
-    row = {"N": n, "H": h, "V": v}
-    for name, method in methods.items():
-        fn = lambda method=method: method(hidden, weight, labels, grad)
-        try:
-            times = time_cuda(fn, reset)
-            row[name] = {"ms": statistics.median(times), "runs": len(times),
-                         "peak_extra_gib": peak_extra_bytes(fn, reset) / 2**30}
-        except torch.OutOfMemoryError:
-            row[name] = "OOM"
+    def cleanup():
         reset()
         gc.collect()
         torch.cuda.empty_cache()
+
+    row = {"N": n, "H": h, "V": v}
+    fns = {}
+    for name, method in methods.items():  # peak memory alone, one method at a time; drop what runs out
+        def fn(method=method):
+            method(hidden, weight, labels, grad)
+
+        try:
+            fn()
+            row[name] = {"peak_extra_gib": peak_extra_bytes(fn, reset) / 2**30}
+            fns[name] = fn
+        except torch.OutOfMemoryError:
+            row[name] = "OOM"
+        cleanup()
     try:
-        run, buffers = floor_fn(n, h, v, hidden.detach(), weight.detach())
-        row["floor"] = {"ms": statistics.median(time_cuda(run, lambda: None))}
-        del buffers, run
+        fns["floor"] = floor_fn(n, h, v, hidden.detach(), weight.detach())
+        row["floor"] = {}
     except torch.OutOfMemoryError:
         row["floor"] = "OOM"
-    gc.collect()
-    torch.cuda.empty_cache()
+    times = interleaved_times(fns, reset)
+    for name, values in times.items():
+        row[name].update({"ms": statistics.median(values), "runs": len(values), "spread_ms": summary(values)})
+    row["paired"] = {f"{a}/{b}": summary([x / y for x, y in zip(times[a], times[b])])
+                     for a, b in PAIRS if a in times and b in times}
+    fns.clear()
+    cleanup()
     return row
 
 
@@ -243,6 +277,16 @@ def markdown(rows, info) -> str:
         ratio = f"{r['ours fwd']['ms'] / third:.2f}" if third and isinstance(r.get("ours fwd"), dict) else "-"
         lines.append(f"| {r['N']} | {r['H']} | {r['V']} | " + " | ".join(cell(r.get(k)) for k in forward)
                      + f" | {'-' if third is None else f'{third:.1f}'} | {ratio} |")
+    lines += ["", ("Paired ratios, taken within each round (both methods timed back to back, the same GPU "
+                   "state): median [min, max] over the rounds:"), "",
+              "| N | H | V | rounds | " + " | ".join(f"{a}/{b}" for a, b in PAIRS) + " |",
+              "|" + "---|" * (len(PAIRS) + 4)]
+    for r in rows:
+        paired = r.get("paired", {})
+        cells = [(lambda p: f"{p['median']:.2f} [{p['min']:.2f}, {p['max']:.2f}]")(paired[f"{a}/{b}"])
+                 if f"{a}/{b}" in paired else "-" for a, b in PAIRS]
+        rounds = r["ours"]["runs"] if isinstance(r.get("ours"), dict) else "-"
+        lines.append(f"| {r['N']} | {r['H']} | {r['V']} | {rounds} | " + " | ".join(cells) + " |")
     memory = names[:-1] + ["ours fwd"]
     lines += ["", "Peak extra memory, GiB (includes the bf16 dH and dW every method returns):", "",
               "| N | H | V | " + " | ".join(memory) + " |", "|" + "---|" * (len(memory) + 3)]
@@ -263,10 +307,13 @@ def main():
     info = versions()
     print(json.dumps(info))
     rows = []
+    os.makedirs(args.out, exist_ok=True)
     for n in TOKENS[:1] if args.quick else TOKENS:
         for h, v in SHAPES_HV:
             row = bench_shape(methods, n, h, v)
             print(json.dumps(row), flush=True)
+            with open(os.path.join(args.out, "kernels.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
             rows.append(row)
     try:  # which tile configuration the autotuner kept for each key
         from align_cli.kernels import triton_fused, triton_logprobs
