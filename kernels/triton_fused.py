@@ -184,20 +184,18 @@ if AVAILABLE:
             tl.store(ptrs, grad, mask=(rows < n1)[:, None] & (cols < v1)[None, :])
 
     def _configs(forward: bool):
-        # (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages, register cap, flatten). Two programs per SM let one
-        # program's softmax epilogue overlap the other's matmul: 128x128x64 in 3 stages, either 8 warps
-        # capped at 128 registers (cuobjdump: no spills) or one warpgroup of 4 warps (96 KB of shared
-        # memory each); the larger tiles reuse more of each load. The H100 runs of
-        # benchmarks/RESULTS.md picked 256x128 (3 stages) for H >= 2048 and 128x128 below.
-        # The last field is FLATTEN for the forward, TMA_STORE for the gradient kernel.
+        # (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages, register cap, flatten). 128x128x64 in 3 stages capped
+        # at 128 registers fits two programs per SM (cuobjdump: no spills), so one program's softmax
+        # epilogue overlaps the other's matmul; the larger tiles reuse more of each load. The H100 runs
+        # of benchmarks/RESULTS.md picked 256x128 (3 or 4 stages) for the forward and 128x256 for the
+        # gradient at most shapes; one-warpgroup 128x128 tiles (two programs per SM without a cap) were
+        # never picked. The last field is FLATTEN for the forward, TMA_STORE for the gradient kernel.
         shapes = [(128, 128, 64, 8, 3, 128, False), (256, 128, 64, 8, 3, None, False),
-                  (128, 256, 64, 8, 3, None, False), (128, 128, 64, 4, 3, None, False)]
+                  (128, 256, 64, 8, 3, None, False), (128, 256, 64, 8, 4, None, False)]
         if forward:
-            shapes += [(256, 128, 64, 8, 4, None, False), (256, 128, 64, 8, 3, None, True),
-                       (128, 128, 64, 4, 3, None, True)]
+            shapes += [(256, 128, 64, 8, 4, None, False), (256, 128, 64, 8, 3, None, True)]
         else:
-            shapes += [(128, 128, 64, 8, 3, None, False), (256, 128, 64, 8, 3, None, True),
-                       (128, 256, 64, 8, 3, None, True)]
+            shapes += [(128, 128, 64, 8, 3, None, False), (256, 128, 64, 8, 3, None, True)]
         return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k,
                                **({"FLATTEN": last} if forward else {"GROUP_N": 8, "TMA_STORE": last})},
                               num_warps=w, num_stages=s, maxnreg=r) for n, v, k, w, s, r, last in shapes]

@@ -38,11 +38,20 @@ _chosen: dict[tuple, str] = {}
 
 
 def plan(n: int, budget: int) -> tuple[int, int]:
-    """(token_chunk, vocab_chunk) with token_chunk * vocab_chunk <= budget; all tokens in one chunk
-    whenever that leaves a vocabulary chunk of at least MIN_VOCAB_CHUNK."""
-    token_chunk = n if n * MIN_VOCAB_CHUNK <= budget else budget // MIN_VOCAB_CHUNK
-    vocab_chunk = max(MIN_VOCAB_CHUNK, min(MAX_VOCAB_CHUNK, budget // token_chunk // 256 * 256))
-    return token_chunk, vocab_chunk
+    """(token_chunk, vocab_chunk), token_chunk * vocab_chunk <= budget, that moves the fewest bytes
+    through the backward's fp32 accumulators. dH [N, H] is read and written once per vocabulary
+    chunk; a dW slice [vocab_chunk, H] once per token chunk, or written once in the weight's dtype
+    (a quarter of an fp32 read and write) when all tokens fit one chunk. In units of V * H * 8 bytes:
+    n / vocab_chunk + (n / token_chunk, or 1/4 with one token chunk)."""
+    def cost(token_chunk, vocab_chunk):
+        return n / vocab_chunk + (0.25 if token_chunk >= n else n / token_chunk)
+
+    candidates = []
+    vocab_chunk = MAX_VOCAB_CHUNK
+    while vocab_chunk >= MIN_VOCAB_CHUNK:
+        candidates.append((min(n, budget // vocab_chunk), vocab_chunk))
+        vocab_chunk //= 2
+    return min(candidates, key=lambda chunks: cost(*chunks))  # ties: the wider vocabulary chunk
 
 
 def _blocks(n: int, vocab: int, budget: int):
@@ -112,16 +121,18 @@ def _backward(strategy, hidden, weight, bias, labels, lse, entropy, grad_lp, gra
     n, h = hidden.shape
     vocab = weight.shape[0]
     budget = GRAD_BUFFER_ELEMENTS if strategy == "fused" else TILE_ELEMENTS
-    one_token_chunk = plan(n, budget)[0] >= n
+    token_chunk, vocab_chunk = plan(n, budget)
+    one_token_chunk = token_chunk >= n
     grad_block = _buffer(n, vocab, budget, hidden.dtype, hidden.device)
     logits_block = _buffer(n, vocab, budget, torch.float32, hidden.device) if strategy == "tiles" else None
     dh = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_h else None
     # With all tokens in one chunk each dW slice is one matmul (fp32 accumulation inside cuBLAS),
-    # written straight in the weight's dtype; otherwise slices accumulate across token chunks in fp32.
-    dw = None
-    if need_w:
-        dw = torch.empty_like(weight) if one_token_chunk else torch.zeros(weight.shape, dtype=torch.float32,
-                                                                          device=weight.device)
+    # written straight in the weight's dtype; otherwise a slice accumulates across token chunks in an
+    # fp32 buffer (blocks come vocabulary-outer) and is written when its last token chunk is in.
+    dw = torch.empty_like(weight) if need_w else None
+    dw_slice = None
+    if need_w and not one_token_chunk:
+        dw_slice = torch.empty((min(vocab_chunk, vocab), h), dtype=torch.float32, device=weight.device)
     db = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
 
     def rows(t, n0, n1):
@@ -144,12 +155,17 @@ def _backward(strategy, hidden, weight, bias, labels, lse, entropy, grad_lp, gra
             else:
                 dw[v0:v1] = (g.t().float() @ hidden.float()).to(dw.dtype)
         elif need_w:
-            _addmm_fp32(dw[v0:v1], g.t(), hidden[n0:n1])
+            acc = dw_slice[: v1 - v0]
+            if n0 == 0:
+                acc.zero_()
+            _addmm_fp32(acc, g.t(), hidden[n0:n1])
+            if n1 == n:
+                dw[v0:v1] = acc
         if need_b:
             db[v0:v1] += g.sum(dim=0, dtype=torch.float32)
     return (
         None if dh is None else dh.to(hidden.dtype),
-        None if dw is None else dw.to(weight.dtype),
+        dw,
         None if db is None else db.to(bias.dtype),
     )
 
