@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device run: GPU tests of the kernels, then the benchmark. Results and logs go to $OUT.
+# One device run: GPU tests of the kernels, the benchmark, then the part-by-part timing. Results and
+# logs go to $OUT.
 # Expects the liger-kernel and trl wheels in .whl/ (benchmarks/RESULTS.md says how they were fetched);
 # only those two are installed.
 set -o pipefail
@@ -18,4 +19,5 @@ python3 -c "import torch, triton, trl, liger_kernel, transformers; print('torch'
 timeout 240 python3 -m pytest "$REPO/tests/test_kernels.py" -q -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
     --durations=8 2>&1 | tee "$OUT/tests.log"
 python3 "$REPO/benchmarks/kernels.py" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+python3 "$REPO/benchmarks/kernel_parts.py" --out "$OUT" 2>&1 | tee "$OUT/parts.log"
 nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv

@@ -38,20 +38,16 @@ _chosen: dict[tuple, str] = {}
 
 
 def plan(n: int, budget: int) -> tuple[int, int]:
-    """(token_chunk, vocab_chunk), token_chunk * vocab_chunk <= budget, that moves the fewest bytes
-    through the backward's fp32 accumulators. dH [N, H] is read and written once per vocabulary
-    chunk; a dW slice [vocab_chunk, H] once per token chunk, or written once in the weight's dtype
-    (a quarter of an fp32 read and write) when all tokens fit one chunk. In units of V * H * 8 bytes:
-    n / vocab_chunk + (n / token_chunk, or 1/4 with one token chunk)."""
-    def cost(token_chunk, vocab_chunk):
-        return n / vocab_chunk + (0.25 if token_chunk >= n else n / token_chunk)
+    """(token_chunk, vocab_chunk) with token_chunk * vocab_chunk <= budget; all tokens in one chunk
+    whenever that leaves a vocabulary chunk of at least MIN_VOCAB_CHUNK.
 
-    candidates = []
-    vocab_chunk = MAX_VOCAB_CHUNK
-    while vocab_chunk >= MIN_VOCAB_CHUNK:
-        candidates.append((min(n, budget // vocab_chunk), vocab_chunk))
-        vocab_chunk //= 2
-    return min(candidates, key=lambda chunks: cost(*chunks))  # ties: the wider vocabulary chunk
+    Wide token chunks read and write the fp32 dH accumulator once per (narrower) vocabulary chunk.
+    Square 16k x 16k blocks halve that traffic at 64k tokens, but measured no faster on the H100
+    (benchmarks/RESULTS.md, run 5: cuBLAS overlaps the accumulator's reads with its matmul) and held
+    an fp32 dW slice more, so the widest token chunk is kept."""
+    token_chunk = n if n * MIN_VOCAB_CHUNK <= budget else budget // MIN_VOCAB_CHUNK
+    vocab_chunk = max(MIN_VOCAB_CHUNK, min(MAX_VOCAB_CHUNK, budget // token_chunk // 256 * 256))
+    return token_chunk, vocab_chunk
 
 
 def _blocks(n: int, vocab: int, budget: int):
