@@ -1,0 +1,132 @@
+"""Tile configurations of the fused forward kernel, one by one, against a cuBLAS matmul (not a test).
+
+    python benchmarks/kernel_configs.py [--out DIR]
+
+The autotuner only says which of its candidates won; this times every candidate, and some that are
+not candidates (BLOCK_K = 128, CTA clusters, other vocabulary splits), at a few bf16 shapes, so a new
+candidate is added for a measured reason. Each time is the median of repeated CUDA-event timings, next
+to one cuBLAS bf16 matmul of the same LM head. A configuration that fails to compile or launch is
+reported with its error. Writes kernel_configs.json to --out (default: $OUT or the current directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+SHAPES = [(16384, 896, 151936), (16384, 4096, 128256), (65536, 4096, 128256)]
+# (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages, register cap, FLATTEN, num_ctas, vocabulary splits)
+CONFIGS = [
+    (256, 128, 64, 8, 3, None, False, 1, 16),
+    (256, 128, 64, 8, 4, None, False, 1, 16),
+    (256, 128, 64, 8, 3, None, True, 1, 16),
+    (128, 256, 64, 8, 3, None, False, 1, 16),
+    (128, 256, 64, 8, 4, None, False, 1, 16),
+    (128, 128, 64, 8, 3, 128, False, 1, 16),
+    (256, 128, 128, 8, 2, None, False, 1, 16),
+    (128, 256, 128, 8, 2, None, False, 1, 16),
+    (256, 128, 64, 8, 3, None, False, 2, 16),
+    (256, 128, 64, 8, 3, None, False, 1, 8),
+    (256, 128, 64, 8, 3, None, False, 1, 32),
+]
+REPEATS = 9
+
+
+def median_ms(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(REPEATS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cublas_ms(hidden, weight) -> float:
+    logits = torch.empty(hidden.shape[0], weight.shape[0], device="cuda", dtype=torch.bfloat16)
+    return median_ms(lambda: torch.mm(hidden, weight.t(), out=logits))
+
+
+def launcher(hidden, weight, labels, config):
+    import triton
+    from align_cli.kernels import triton_fused
+
+    block_n, block_v, block_k, warps, stages, maxnreg, flatten, ctas, splits = config
+    n, h = hidden.shape
+    vocab = weight.shape[0]
+    partial = torch.empty((4, splits, n), dtype=torch.float32, device=hidden.device)
+    triton_fused._ensure_allocator()
+    grid = (triton.cdiv(n, block_n) * splits,)
+    extra = {} if maxnreg is None else {"maxnreg": maxnreg}
+
+    def run():
+        triton_fused._forward_kernel[grid](
+            hidden, weight, weight, labels, partial, n, vocab, h, hidden.stride(0), weight.stride(0), 1.0,
+            splits, n.bit_length(), HAS_BIAS=False, WITH_ENTROPY=False, IEEE=False, USE_TMA=True,
+            FLATTEN=flatten, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k,
+            num_warps=warps, num_stages=stages, num_ctas=ctas, **extra)
+
+    return run, partial
+
+
+def reference_stats(hidden, weight, labels):
+    """Row max and log-sum-exp in fp32 over vocabulary chunks: checks each configuration's partials."""
+    lse = torch.full((hidden.shape[0],), float("-inf"), device=hidden.device)
+    for v0 in range(0, weight.shape[0], 16384):
+        logits = torch.mm(hidden, weight[v0:v0 + 16384].t(), out_dtype=torch.float32)
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+    return lse
+
+
+def lse_of(partial):
+    row_max = partial[0].amax(dim=0)
+    return row_max + torch.log((partial[1] * torch.exp(partial[0] - row_max)).sum(dim=0))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    rows = []
+    for n, h, v in SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(n + h + v)
+        hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=g)
+        weight = (torch.randn(v, h, device="cuda", generator=g) * (3.0 / h**0.5)).to(torch.bfloat16)
+        labels = torch.randint(0, v, (n,), device="cuda", generator=g)
+        mm = cublas_ms(hidden, weight)
+        expected = reference_stats(hidden, weight, labels)
+        for config in CONFIGS:
+            row = {"N": n, "H": h, "V": v, "config": config, "mm_ms": mm}
+            try:
+                run, partial = launcher(hidden, weight, labels, config)
+                row["ms"] = median_ms(run)
+                row["max_lse_error"] = (lse_of(partial) - expected).abs().max().item()
+            except Exception as exc:  # a configuration the compiler or the GPU refuses: report it
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        torch.cuda.empty_cache()
+    print("\n| N | H | config (BN, BV, BK, warps, stages, maxnreg, flatten, ctas, splits) | ms | vs mm | lse err |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        result = (f"{r['ms']:.2f} | {r['ms'] / r['mm_ms']:.3f} | {r['max_lse_error']:.1e}" if "ms" in r
+                  else f"{r['error'][:80]} | - | -")
+        print(f"| {r['N']} | {r['H']} | {r['config']} | {result} |")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "kernel_configs.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
