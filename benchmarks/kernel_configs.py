@@ -21,6 +21,8 @@ import torch
 
 SHAPES = [(16384, 896, 151936), (16384, 4096, 128256), (65536, 4096, 128256)]
 # (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages, register cap, FLATTEN, num_ctas, vocabulary splits)
+# Run 7 (benchmarks/RESULTS.md) measured these; the tuner's candidates are the 256x128 and the capped
+# 128x128 rows, each with 8, 16 and 32 splits.
 CONFIGS = [
     (256, 128, 64, 8, 3, None, False, 1, 16),
     (256, 128, 64, 8, 4, None, False, 1, 16),
@@ -71,7 +73,7 @@ def launcher(hidden, weight, labels, config):
     def run():
         triton_fused._forward_kernel[grid](
             hidden, weight, weight, labels, partial, n, vocab, h, hidden.stride(0), weight.stride(0), 1.0,
-            splits, n.bit_length(), HAS_BIAS=False, WITH_ENTROPY=False, IEEE=False, USE_TMA=True,
+            partial.stride(0), n.bit_length(), num_splits=splits, HAS_BIAS=False, WITH_ENTROPY=False, IEEE=False, USE_TMA=True,
             FLATTEN=flatten, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k,
             num_warps=warps, num_stages=stages, num_ctas=ctas, **extra)
 

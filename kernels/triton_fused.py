@@ -2,8 +2,9 @@
 
 `fused_forward`: each program computes `[BLOCK_N, BLOCK_V]` logits tiles with `tl.dot` over H (TMA
 loads on Hopper) and folds each into an online log-sum-exp in float32 (running max, sum of exp, sum
-of exp*z, label logit). It walks one slice of the vocabulary for one token tile; the `SPLITS` slices
-of a row are merged afterwards from `[4, SPLITS, N]` partials. The logits never reach memory.
+of exp*z, label logit). It walks one slice of the vocabulary for one token tile; the slices of a row
+(8, 16 or 32, tuned with the tile shape) are merged afterwards from `[4, splits, N]` partials. The
+logits never reach memory.
 
 `fused_grad_logits`: recomputes a block of logits the same way and writes its gradient (in the input
 dtype) into a caller's buffer, for cuBLAS to turn into dH and dW.
@@ -25,10 +26,13 @@ except ImportError:  # CPU-only installs: the chunked torch path is used instead
     triton = None
 
 AVAILABLE = triton is not None
-# Vocabulary slices per token tile. Programs of one token tile are adjacent, so at any moment the
-# programs in flight cover few token tiles and few slices: both stay in L2. 16 also fills the GPU at
-# N = 4096 (512 programs).
-SPLITS = 16
+# Vocabulary slices per token tile, tuned with the tile shape. Programs of one token tile are adjacent,
+# so the programs in flight cover few token tiles and few slices: both stay in L2. Fewer, longer
+# slices share each weight tile among more programs and drain the pipeline less often (8 slices ran
+# the forward 7-9% faster than 16 at 16k tokens on the H100, benchmarks/kernel_configs.py), but small
+# N needs more programs to fill the GPU.
+SPLIT_CHOICES = (8, 16, 32)
+DEFAULT_SPLITS = 16  # untuned launches (fp32 checking, the interpreter)
 
 
 def interpreting() -> bool:
@@ -113,7 +117,7 @@ if AVAILABLE:
 
     @triton.jit
     def _forward_kernel(hidden_ptr, weight_ptr, bias_ptr, labels_ptr, partial_ptr,
-                        N, V, H, stride_h, stride_w, inv_temp, num_splits, n_bucket,
+                        N, V, H, stride_h, stride_w, inv_temp, partial_stride, n_bucket, num_splits,
                         HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, IEEE: tl.constexpr,
                         USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -142,7 +146,7 @@ if AVAILABLE:
                                                             target, WITH_ENTROPY)
         out = partial_ptr + split * N + rows
         row_ok = rows < N
-        step = num_splits * N
+        step = partial_stride
         tl.store(out, run_max, mask=row_ok)
         tl.store(out + step, sum_exp, mask=row_ok)
         tl.store(out + 3 * step, target, mask=row_ok)
@@ -184,26 +188,29 @@ if AVAILABLE:
             tl.store(ptrs, grad, mask=(rows < n1)[:, None] & (cols < v1)[None, :])
 
     def _configs(forward: bool):
-        # (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages, register cap, flatten). 128x128x64 in 3 stages capped
-        # at 128 registers fits two programs per SM (cuobjdump: no spills), so one program's softmax
-        # epilogue overlaps the other's matmul; the larger tiles reuse more of each load. The H100 runs
-        # of benchmarks/RESULTS.md picked 256x128 (3 or 4 stages) for the forward and 128x256 for the
-        # gradient at most shapes; one-warpgroup 128x128 tiles (two programs per SM without a cap) were
-        # never picked. The last field is FLATTEN for the forward, TMA_STORE for the gradient kernel.
-        shapes = [(128, 128, 64, 8, 3, 128, False), (256, 128, 64, 8, 3, None, False),
-                  (128, 256, 64, 8, 3, None, False), (128, 256, 64, 8, 4, None, False)]
+        # (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages, register cap, last). 128x128x64 in 3 stages capped at
+        # 128 registers fits two programs per SM (cuobjdump: no spills), so one program's softmax epilogue
+        # overlaps the other's matmul; the larger tiles reuse more of each load. The last field is
+        # FLATTEN for the forward, TMA_STORE for the gradient kernel. What the H100 runs measured
+        # (benchmarks/RESULTS.md, kernel_configs.py): the forward kept 256x128 at every shape, 128x256
+        # ran it 1.4-2x slower, BLOCK_K = 128 1.2-1.5x slower, CTA clusters (num_ctas=2) do not compile;
+        # the gradient kernel keeps 128x256 at most shapes; one-warpgroup 128x128 tiles never won.
         if forward:
-            shapes += [(256, 128, 64, 8, 4, None, False), (256, 128, 64, 8, 3, None, True)]
-        else:
-            shapes += [(128, 128, 64, 8, 3, None, False), (256, 128, 64, 8, 3, None, True)]
-        return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k,
-                               **({"FLATTEN": last} if forward else {"GROUP_N": 8, "TMA_STORE": last})},
+            shapes = [(256, 128, 64, 8, 3, None, False), (256, 128, 64, 8, 4, None, False),
+                      (256, 128, 64, 8, 3, None, True), (128, 128, 64, 8, 3, 128, False)]
+            return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k, "FLATTEN": last, "num_splits": splits},
+                                  num_warps=w, num_stages=s, maxnreg=r)
+                    for n, v, k, w, s, r, last in shapes for splits in SPLIT_CHOICES]
+        shapes = [(128, 128, 64, 8, 3, 128, False), (256, 128, 64, 8, 3, None, False),
+                  (128, 256, 64, 8, 3, None, False), (128, 256, 64, 8, 4, None, False),
+                  (128, 128, 64, 8, 3, None, False), (256, 128, 64, 8, 3, None, True)]
+        return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k, "GROUP_N": 8, "TMA_STORE": last},
                               num_warps=w, num_stages=s, maxnreg=r) for n, v, k, w, s, r, last in shapes]
 
     # Tuned once per (H, V, log2 of the token count, flags): a configuration tuned at 4k tokens was
     # measured 10-30% off at 64k. Both kernels write every output they own, so re-running is harmless.
     _forward_tuned = triton.autotune(
-        _configs(True), key=["H", "V", "n_bucket", "num_splits", "WITH_ENTROPY", "IEEE", "HAS_BIAS", "USE_TMA"]
+        _configs(True), key=["H", "V", "n_bucket", "WITH_ENTROPY", "IEEE", "HAS_BIAS", "USE_TMA"]
     )(_forward_kernel)
     _grad_logits_tuned = triton.autotune(
         _configs(False), key=["H", "n_bucket", "HAS_LP_GRAD", "HAS_ENT_GRAD", "IEEE", "HAS_BIAS", "USE_TMA"]
@@ -235,11 +242,13 @@ def _ensure_allocator():
     triton.set_allocator(_scratch)
 
 
-def _launch(tuned, raw, grid, *args, extra_meta, **flags):
+def _launch(tuned, raw, grid, *args, extra_meta, **flags) -> dict:
+    """Launch the tuned kernel (or a fixed small configuration where tuning cannot run); returns the
+    meta-parameters the launch used."""
     if interpreting():  # the interpreter (CPU tests) cannot time configurations: run a small one
         meta = {"BLOCK_N": 32, "BLOCK_V": 32, "BLOCK_K": 16, **extra_meta}
         raw[grid(meta)](*args, **flags, **meta)
-        return
+        return meta
     if flags["USE_TMA"]:
         _ensure_allocator()
     if flags["IEEE"]:
@@ -247,26 +256,31 @@ def _launch(tuned, raw, grid, *args, extra_meta, **flags):
         # costs minutes of compiling a tuning sweep. fp32 is for checking, bf16 for speed.
         meta = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_K": 16, **extra_meta}
         raw[grid(meta)](*args, **flags, **meta, num_warps=4, num_stages=2)
-        return
+        return meta
     tuned[grid](*args, **flags)
+    return tuned.best_config.kwargs
 
 
 def fused_forward(hidden, weight, bias, labels, with_entropy: bool, inv_temp: float):
-    """Partial statistics `[4, SPLITS, N]`: running max, sum of exp, sum of exp*z, label logit."""
+    """Partial statistics `[4, splits, N]`: running max, sum of exp, sum of exp*z, label logit."""
     n, h = hidden.shape
     vocab = weight.shape[0]
-    partial = torch.empty((4, SPLITS, n), dtype=torch.float32, device=hidden.device)
+    # Room for the most slices any configuration uses; the launch fills the first `num_splits`. (The
+    # tuner's trial runs write the other slots too, so only the used ones are returned.)
+    partial = torch.empty((4, max(SPLIT_CHOICES), n), dtype=torch.float32, device=hidden.device)
+
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]) * SPLITS,)
-    _launch(
+        return (triton.cdiv(n, meta["BLOCK_N"]) * meta["num_splits"],)
+
+    used = _launch(
         _forward_tuned, _forward_kernel, grid,
         hidden, weight, weight if bias is None else bias, labels, partial,
-        n, vocab, h, hidden.stride(0), weight.stride(0), inv_temp, SPLITS, n.bit_length(),
-        extra_meta={"FLATTEN": False},
+        n, vocab, h, hidden.stride(0), weight.stride(0), inv_temp, partial.stride(0), n.bit_length(),
+        extra_meta={"FLATTEN": False, "num_splits": DEFAULT_SPLITS},
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, IEEE=hidden.dtype == torch.float32,
         USE_TMA=use_tma(hidden),
     )
-    return partial
+    return partial[:, : used["num_splits"]]
 
 
 def fused_grad_logits(out, hidden, weight, bias, labels, lse, entropy, grad_lp, grad_ent, n0, n1, v0, v1,
