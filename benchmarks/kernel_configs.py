@@ -11,13 +11,11 @@ reported with its error. Writes kernel_configs.json to --out (default: $OUT or t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
-import sys
 
 import torch
+from gpu_timing import gpu_args, matmul_ms, median_ms, random_head
 
 SHAPES = [(16384, 896, 151936), (16384, 4096, 128256), (65536, 4096, 128256)]
 # (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages, register cap, FLATTEN, num_ctas, vocabulary splits)
@@ -39,25 +37,6 @@ CONFIGS = [
 REPEATS = 9
 
 
-def median_ms(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def cublas_ms(hidden, weight) -> float:
-    logits = torch.empty(hidden.shape[0], weight.shape[0], device="cuda", dtype=torch.bfloat16)
-    return median_ms(lambda: torch.mm(hidden, weight.t(), out=logits))
-
-
 def launcher(hidden, weight, labels, config):
     import triton
     from align_cli.kernels import triton_fused
@@ -73,7 +52,7 @@ def launcher(hidden, weight, labels, config):
     def run():
         triton_fused._forward_kernel[grid](
             hidden, weight, weight, labels, partial, n, vocab, h, hidden.stride(0), weight.stride(0), 1.0,
-            partial.stride(0), n.bit_length(), num_splits=splits, HAS_BIAS=False, WITH_ENTROPY=False, IEEE=False, USE_TMA=True,
+            partial.stride(0), partial.stride(1), n.bit_length(), num_splits=splits, HAS_BIAS=False, WITH_ENTROPY=False, IEEE=False, USE_TMA=True,
             FLATTEN=flatten, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k,
             num_warps=warps, num_stages=stages, num_ctas=ctas, **extra)
 
@@ -95,24 +74,17 @@ def lse_of(partial):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("needs a CUDA GPU")
+    args = gpu_args(__doc__)
     rows = []
     for n, h, v in SHAPES:
-        g = torch.Generator(device="cuda").manual_seed(n + h + v)
-        hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=g)
-        weight = (torch.randn(v, h, device="cuda", generator=g) * (3.0 / h**0.5)).to(torch.bfloat16)
-        labels = torch.randint(0, v, (n,), device="cuda", generator=g)
-        mm = cublas_ms(hidden, weight)
+        hidden, weight, labels = random_head(n, h, v)
+        mm = matmul_ms(hidden, weight, REPEATS)
         expected = reference_stats(hidden, weight, labels)
         for config in CONFIGS:
             row = {"N": n, "H": h, "V": v, "config": config, "mm_ms": mm}
             try:
                 run, partial = launcher(hidden, weight, labels, config)
-                row["ms"] = median_ms(run)
+                row["ms"] = median_ms(run, REPEATS)
                 row["max_lse_error"] = (lse_of(partial) - expected).abs().max().item()
             except Exception as exc:  # a configuration the compiler or the GPU refuses: report it
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"

@@ -17,46 +17,23 @@ Writes kernel_parts.json to --out (default: $OUT or the current directory).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
-import sys
 
 import torch
+from gpu_timing import gpu_args, matmul_ms, median_ms, random_head
 
 SHAPES = [(16384, 896, 151936), (16384, 4096, 128256), (65536, 2048, 128256), (65536, 4096, 128256)]
-REPEATS = 7
-
-
-def median_ms(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def parts(n: int, h: int, v: int) -> dict:
     from align_cli.kernels import triton_logprobs as tl_
     from align_cli.kernels.triton_fused import fused_grad_logits
     from align_cli.kernels.triton_tiles import logits_fp32, tiles_fold
 
-    g = torch.Generator(device="cuda").manual_seed(n + h + v)
-    hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=g)
-    weight = (torch.randn(v, h, device="cuda", generator=g) * (3.0 / h**0.5)).to(torch.bfloat16)
-    labels = torch.randint(0, v, (n,), device="cuda", generator=g)
-    grad_lp = torch.randn(n, device="cuda", generator=g)
+    hidden, weight, labels = random_head(n, h, v)
+    grad_lp = torch.randn(n, device="cuda")
     row = {"N": n, "H": h, "V": v}
 
-    full = torch.empty(n, v, device="cuda", dtype=torch.bfloat16)
-    row["mm bf16"] = median_ms(lambda: torch.mm(hidden, weight.t(), out=full))
+    row["mm bf16"] = matmul_ms(hidden, weight)
     row["fwd fused"] = median_ms(lambda: tl_._forward_fused(hidden, weight, None, labels, False, 1.0))
     lse = tl_._forward_fused(hidden, weight, None, labels, False, 1.0)[2]
 
@@ -70,8 +47,9 @@ def parts(n: int, h: int, v: int) -> dict:
     row["tiles fold"] = median_ms(lambda: [tiles_fold(state[:, n0:n1], view, None, labels[n0:n1], v0, False, 1.0)
                                            for view, (n0, n1, v0, v1) in zip(views, tile_blocks)])
 
-    grad_blocks = list(tl_._blocks(n, v, tl_.GRAD_BUFFER_ELEMENTS))
-    grad_buffer = tl_._buffer(n, v, tl_.GRAD_BUFFER_ELEMENTS, hidden.dtype, hidden.device)
+    budget = tl_.grad_budget(n, h)
+    grad_blocks = list(tl_._blocks(n, v, budget))
+    grad_buffer = tl_._buffer(n, v, budget, hidden.dtype, hidden.device)
     grads = [tl_._view(grad_buffer, n1 - n0, v1 - v0, padded=True) for n0, n1, v0, v1 in grad_blocks]
     row["grad kernel"] = median_ms(lambda: [
         fused_grad_logits(gb, hidden, weight, None, labels, lse, None, grad_lp, None, n0, n1, v0, v1, 1.0)
@@ -87,11 +65,7 @@ def parts(n: int, h: int, v: int) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("needs a CUDA GPU")
+    args = gpu_args(__doc__)
     rows = []
     for shape in SHAPES:
         row = parts(*shape)

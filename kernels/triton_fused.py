@@ -33,6 +33,7 @@ AVAILABLE = triton is not None
 # N needs more programs to fill the GPU.
 SPLIT_CHOICES = (8, 16, 32)
 DEFAULT_SPLITS = 16  # untuned launches (fp32 checking, the interpreter)
+FORWARD_TOKEN_CHUNK = 4096  # tokens per forward launch: see fused_forward
 
 
 def interpreting() -> bool:
@@ -117,7 +118,7 @@ if AVAILABLE:
 
     @triton.jit
     def _forward_kernel(hidden_ptr, weight_ptr, bias_ptr, labels_ptr, partial_ptr,
-                        N, V, H, stride_h, stride_w, inv_temp, partial_stride, n_bucket, num_splits,
+                        N, V, H, stride_h, stride_w, inv_temp, stat_stride, split_stride, n_bucket, num_splits,
                         HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, IEEE: tl.constexpr,
                         USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -129,9 +130,11 @@ if AVAILABLE:
         labels = tl.load(labels_ptr + tl.minimum(rows, N - 1))
         h_desc, w_desc = _descriptors(hidden_ptr, weight_ptr, N, V, H, stride_h, stride_w, USE_TMA,
                                       BLOCK_N, BLOCK_V, BLOCK_K)
-        tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), num_splits)
-        v_begin = split * tiles_per_split * BLOCK_V
-        v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+        # Whole tiles, dealt out evenly (counts differ by at most one), so a token tile's programs end
+        # together and the next wave starts in step; only the vocabulary's last tile overhangs.
+        n_tiles = tl.cdiv(V, BLOCK_V)
+        v_begin = (split * n_tiles // num_splits) * BLOCK_V
+        v_end = tl.minimum(((split + 1) * n_tiles // num_splits) * BLOCK_V, V)
         run_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
         sum_exp = tl.zeros([BLOCK_N], dtype=tl.float32)
         sum_exp_z = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -141,12 +144,12 @@ if AVAILABLE:
             cols = v0 + tl.arange(0, BLOCK_V)
             z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, h_desc, w_desc, row0, v0, N, V, H, stride_h,
                             stride_w, inv_temp, HAS_BIAS, IEEE, USE_TMA, BLOCK_N, BLOCK_V, BLOCK_K)
-            z = tl.where((cols < V)[None, :], z, MASKED)  # slices are whole tiles: only the last overhangs
+            z = tl.where((cols < V)[None, :], z, MASKED)
             run_max, sum_exp, sum_exp_z, target = fold_tile(z, cols, labels, run_max, sum_exp, sum_exp_z,
                                                             target, WITH_ENTROPY)
-        out = partial_ptr + split * N + rows
+        out = partial_ptr + split * split_stride + rows
         row_ok = rows < N
-        step = partial_stride
+        step = stat_stride
         tl.store(out, run_max, mask=row_ok)
         tl.store(out + step, sum_exp, mask=row_ok)
         tl.store(out + 3 * step, target, mask=row_ok)
@@ -261,25 +264,40 @@ def _launch(tuned, raw, grid, *args, extra_meta, **flags) -> dict:
     return tuned.best_config.kwargs
 
 
-def fused_forward(hidden, weight, bias, labels, with_entropy: bool, inv_temp: float):
-    """Partial statistics `[4, splits, N]`: running max, sum of exp, sum of exp*z, label logit."""
+def fused_forward(hidden, weight, bias, labels, with_entropy: bool, inv_temp: float,
+                  token_chunk: int | None = None):
+    """Partial statistics `[4, splits, N]`: running max, sum of exp, sum of exp*z, label logit.
+
+    Launched over `token_chunk` tokens at a time (default FORWARD_TOKEN_CHUNK). A program walks a whole
+    vocabulary slice, so its weight tiles come from L2 only while the programs beside it walk in step;
+    over the many waves of one launch they drift apart. On the H100 at H >= 2048 the forward ran
+    1.25-1.29x cuBLAS in one launch and 1.02-1.07x in 4k-token launches (one wave each), while at
+    H = 896, where the softmax work and not the loads bounds it, one launch was faster (1.21x against
+    1.39x; benchmarks/kernel_scaling.py). The caller times both (`triton_logprobs._choose`)."""
     n, h = hidden.shape
     vocab = weight.shape[0]
-    # Room for the most slices any configuration uses; the launch fills the first `num_splits`. (The
+    # Room for the most slices any configuration uses; each launch fills the first `num_splits`. (The
     # tuner's trial runs write the other slots too, so only the used ones are returned.)
     partial = torch.empty((4, max(SPLIT_CHOICES), n), dtype=torch.float32, device=hidden.device)
+    chunk = min(n, token_chunk or FORWARD_TOKEN_CHUNK)
+    # Every launch is tuned under the full chunk's bucket, so the short last one keeps its configuration
+    # and all launches fill the same number of slices.
+    n_bucket = chunk.bit_length()
+    used = None
+    for n0 in range(0, n, chunk):
+        rows = min(chunk, n - n0)
 
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]) * meta["num_splits"],)
+        def grid(meta, rows=rows):
+            return (triton.cdiv(rows, meta["BLOCK_N"]) * meta["num_splits"],)
 
-    used = _launch(
-        _forward_tuned, _forward_kernel, grid,
-        hidden, weight, weight if bias is None else bias, labels, partial,
-        n, vocab, h, hidden.stride(0), weight.stride(0), inv_temp, partial.stride(0), n.bit_length(),
-        extra_meta={"FLATTEN": False, "num_splits": DEFAULT_SPLITS},
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, IEEE=hidden.dtype == torch.float32,
-        USE_TMA=use_tma(hidden),
-    )
+        used = _launch(
+            _forward_tuned, _forward_kernel, grid,
+            hidden[n0:], weight, weight if bias is None else bias, labels[n0:], partial[:, :, n0:],
+            rows, vocab, h, hidden.stride(0), weight.stride(0), inv_temp, partial.stride(0), partial.stride(1),
+            n_bucket, extra_meta={"FLATTEN": False, "num_splits": DEFAULT_SPLITS},
+            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, IEEE=hidden.dtype == torch.float32,
+            USE_TMA=use_tma(hidden),
+        )
     return partial[:, : used["num_splits"]]
 
 

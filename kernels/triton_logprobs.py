@@ -13,7 +13,8 @@ block at a time, into a reused buffer in the input dtype; cuBLAS then adds G @ W
 accumulator) and writes G^T @ h into dW (one matmul per vocabulary chunk, fp32 inside cuBLAS). That is
 four matmuls of the LM head's size in all: the floor of three plus the recompute.
 
-The strategy is timed once per shape on first use (as Triton autotunes) and the faster kept;
+The strategy is timed once per shape on first use (as Triton autotunes) and the faster kept (the
+forward also times the fused kernel in one launch against its token-chunked launches);
 `ALIGN_KERNELS_STRATEGY=fused|tiles` forces one.
 """
 
@@ -23,13 +24,16 @@ import os
 
 import torch
 
+from . import triton_fused
 from .triton_fused import AVAILABLE, fused_forward, fused_grad_logits, interpreting
 from .triton_tiles import logits_fp32, tiles_fold, tiles_grad
 
 STRATEGIES = ("fused", "tiles")
-# Bounded working blocks, independent of V: fused backward holds one bf16 gradient block (512 MiB);
-# tiles hold an fp32 logits block (512 MiB) and, backward, a gradient block beside it.
-GRAD_BUFFER_ELEMENTS = 1 << 28
+# Bounded working blocks, independent of V: the fused backward holds one gradient block in the input
+# dtype (`grad_budget`); tiles hold an fp32 logits block (512 MiB) and, backward, a gradient block
+# beside it.
+GRAD_BUFFER_ELEMENTS = 1 << 29  # the most the fused backward's block may hold (1 GiB in bf16)
+GRAD_BUFFER_FLOOR = 1 << 28
 TILE_ELEMENTS = 1 << 27
 MIN_VOCAB_CHUNK = 2048  # keeps the dH accumulation matmul compute-bound (K = vocabulary chunk)
 MAX_VOCAB_CHUNK = 16384
@@ -48,6 +52,16 @@ def plan(n: int, budget: int) -> tuple[int, int]:
     token_chunk = n if n * MIN_VOCAB_CHUNK <= budget else budget // MIN_VOCAB_CHUNK
     vocab_chunk = max(MIN_VOCAB_CHUNK, min(MAX_VOCAB_CHUNK, budget // token_chunk // 256 * 256))
     return token_chunk, vocab_chunk
+
+
+def grad_budget(n: int, h: int) -> int:
+    """Elements of the fused backward's gradient block for n tokens of hidden size h.
+
+    A wider block means fewer vocabulary chunks, so fewer passes over the fp32 dH accumulator: 2^29
+    elements ran the 64k-token backward 1.7-2.2% faster than 2^28 for 0.5 GiB more (2^30: 0.6-1.1% more
+    for another GiB; benchmarks/kernel_scaling.py). The block grows past 2^28 only where it stays within
+    twice the bytes of that accumulator (4 n h elements), so it never dominates the backward's memory."""
+    return min(GRAD_BUFFER_ELEMENTS, max(GRAD_BUFFER_FLOOR, 4 * n * h))
 
 
 def _blocks(n: int, vocab: int, budget: int):
@@ -87,8 +101,9 @@ def _combine(run_max, sum_exp, sum_exp_z, target, with_entropy: bool):
     return logprobs, entropy, lse
 
 
-def _forward_fused(hidden, weight, bias, labels, with_entropy, inv_temp):
-    return _combine(*fused_forward(hidden, weight, bias, labels, with_entropy, inv_temp), with_entropy)
+def _forward_fused(hidden, weight, bias, labels, with_entropy, inv_temp, token_chunk=None):
+    partial = fused_forward(hidden, weight, bias, labels, with_entropy, inv_temp, token_chunk)
+    return _combine(*partial, with_entropy)
 
 
 def _forward_tiles(hidden, weight, bias, labels, with_entropy, inv_temp):
@@ -112,11 +127,13 @@ def _addmm_fp32(acc, a, b):
         acc.addmm_(a.float(), b.float())
 
 
-def _backward(strategy, hidden, weight, bias, labels, lse, entropy, grad_lp, grad_ent, inv_temp, needs):
+def _backward(strategy, hidden, weight, bias, labels, lse, entropy, grad_lp, grad_ent, inv_temp, needs,
+              budget=None):
     need_h, need_w, need_b = needs
     n, h = hidden.shape
     vocab = weight.shape[0]
-    budget = GRAD_BUFFER_ELEMENTS if strategy == "fused" else TILE_ELEMENTS
+    if budget is None:
+        budget = grad_budget(n, h) if strategy == "fused" else TILE_ELEMENTS
     token_chunk, vocab_chunk = plan(n, budget)
     one_token_chunk = token_chunk >= n
     grad_block = _buffer(n, vocab, budget, hidden.dtype, hidden.device)
@@ -206,10 +223,10 @@ class TritonLinearLogprobs(torch.autograd.Function):
         hidden, weight = hidden.contiguous(), weight.contiguous()
         inv_temp = 1.0 / temperature
         args = (hidden, weight, bias, labels, with_entropy, inv_temp)
-        logprobs, entropy, lse = _choose(
-            _shape_key("forward", hidden, weight, bias, with_entropy),
-            {"fused": lambda: _forward_fused(*args), "tiles": lambda: _forward_tiles(*args)},
-        )
+        runs = {"fused": lambda: _forward_fused(*args), "tiles": lambda: _forward_tiles(*args)}
+        if hidden.shape[0] > triton_fused.FORWARD_TOKEN_CHUNK:  # see fused_forward: which is faster depends on H
+            runs["fused-one-launch"] = lambda: _forward_fused(*args, token_chunk=hidden.shape[0])
+        logprobs, entropy, lse = _choose(_shape_key("forward", hidden, weight, bias, with_entropy), runs)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.inv_temp = inv_temp
         return logprobs, entropy

@@ -172,6 +172,19 @@ def test_tiles_are_bounded_never_n_by_v(gen, monkeypatch):
     assert max(largest) <= 16 * 64
 
 
+def test_triton_blocks_are_bounded_and_cover_every_logit_once():
+    # The Triton path's backward blocks: within the element budget, whatever N and V, tiling N x V exactly;
+    # the fused gradient block grows past its floor only within twice the fp32 dH accumulator's bytes.
+    for n, h, vocab in [(4096, 896, 151936), (65536, 896, 151936), (65536, 4096, 128256), (300_000, 8192, 256_000)]:
+        budget = triton_logprobs.grad_budget(n, h)
+        assert triton_logprobs.GRAD_BUFFER_FLOOR <= budget <= triton_logprobs.GRAD_BUFFER_ELEMENTS
+        assert budget == triton_logprobs.GRAD_BUFFER_FLOOR or 2 * budget <= 2 * (4 * n * h)  # bf16 vs fp32 dH
+        blocks = list(triton_logprobs._blocks(n, vocab, budget))
+        assert all((n1 - n0) * (v1 - v0) <= budget for n0, n1, v0, v1 in blocks)
+        assert sum((n1 - n0) * (v1 - v0) for n0, n1, v0, v1 in blocks) == n * vocab
+        assert len({(n0, v0) for n0, _, v0, _ in blocks}) == len(blocks)
+
+
 def test_leading_dimensions_are_kept(gen):
     hidden, weight, _, labels = make_inputs(12, 8, 30, torch.float32, gen, ignore_every=5)
     logprobs, entropy = linear_logprobs(hidden.view(3, 4, 8), weight, labels.view(3, 4), with_entropy=True)
@@ -247,13 +260,15 @@ def test_triton_temperature_bias_ignored_and_entropy_grad(gen, strategy, dtype):
 
 @gpu
 @needs_cuda
-def test_triton_token_chunked(gen, strategy, monkeypatch):
-    # Force several token chunks and vocabulary chunks: dW then accumulates across token chunks in fp32.
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_triton_token_chunked(gen, strategy, monkeypatch, dtype):
+    # Force several token chunks and vocabulary chunks: dW then accumulates across token chunks in fp32,
+    # and the fused forward runs in launches of 128 tokens, the last one short.
     for name, value in [("GRAD_BUFFER_ELEMENTS", 128 * 256), ("TILE_ELEMENTS", 128 * 256),
                         ("MIN_VOCAB_CHUNK", 256), ("MAX_VOCAB_CHUNK", 256)]:
         monkeypatch.setattr(triton_logprobs, name, value)
-    check_against_reference(gen, 300, 64, 700, torch.float32, with_entropy=True, device=DEVICE,
-                            backend="triton")
+    monkeypatch.setattr(triton_fused, "FORWARD_TOKEN_CHUNK", 128)
+    check_against_reference(gen, 300, 64, 700, dtype, with_entropy=True, device=DEVICE, backend="triton")
 
 
 @gpu
@@ -308,9 +323,11 @@ def test_triton_memory_is_bounded(gen, strategy):
 def test_strategy_is_timed_once_and_kept(gen, monkeypatch):
     monkeypatch.delenv("ALIGN_KERNELS_STRATEGY", raising=False)
     monkeypatch.setattr(triton_logprobs, "_chosen", {})
+    monkeypatch.setattr(triton_fused, "FORWARD_TOKEN_CHUNK", 256)  # 1000 tokens: one launch is timed too
     hidden, weight, _, labels = make_inputs(1000, 256, 3000, torch.bfloat16, gen, device="cuda")
     hidden.requires_grad_()
     linear_logprobs(hidden, weight, labels)[0].sum().backward()
-    kinds = sorted(key[0] for key in triton_logprobs._chosen)
-    assert kinds == ["backward", "forward"]
-    assert set(triton_logprobs._chosen.values()) <= set(triton_logprobs.STRATEGIES)
+    chosen = {key[0]: name for key, name in triton_logprobs._chosen.items()}
+    assert sorted(chosen) == ["backward", "forward"]
+    assert chosen["forward"] in (*triton_logprobs.STRATEGIES, "fused-one-launch")
+    assert chosen["backward"] in triton_logprobs.STRATEGIES
