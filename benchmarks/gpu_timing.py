@@ -1,7 +1,8 @@
 """What the kernel benchmarks share: command line, random LM heads, CUDA-event timing (not a test).
 
-Imported by kernel_parts.py, kernel_configs.py and kernel_scaling.py, which run as scripts from this
-folder (`python3 benchmarks/<name>.py`), so a sibling import finds it.
+Imported by kernels.py, kernel_parts.py, kernel_configs.py and kernel_scaling.py, which run as scripts
+from this folder (`python3 benchmarks/<name>.py`), so a sibling import finds it. The event timer itself
+is the one the kernels time their strategies with (`triton_logprobs.elapsed_ms`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import statistics
 import sys
 
 import torch
+from align_cli.kernels.triton_logprobs import elapsed_ms
 
 
 def gpu_args(doc: str) -> argparse.Namespace:
@@ -37,15 +39,7 @@ def median_ms(fn, repeats: int = 7) -> float:
     """Median of `repeats` CUDA-event timings of `fn()`, after one untimed call."""
     fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(elapsed_ms(fn) for _ in range(repeats))
 
 
 def matmul_ms(hidden, weight, repeats: int = 7) -> float:

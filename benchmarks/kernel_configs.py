@@ -52,8 +52,8 @@ def launcher(hidden, weight, labels, config):
     def run():
         triton_fused._forward_kernel[grid](
             hidden, weight, weight, labels, partial, n, vocab, h, hidden.stride(0), weight.stride(0), 1.0,
-            partial.stride(0), partial.stride(1), n.bit_length(), num_splits=splits, HAS_BIAS=False, WITH_ENTROPY=False, IEEE=False, USE_TMA=True,
-            FLATTEN=flatten, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k,
+            partial.stride(0), partial.stride(1), n.bit_length(), num_splits=splits,
+            HAS_BIAS=False, WITH_ENTROPY=False, IEEE=False, USE_TMA=True, FLATTEN=flatten, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k,
             num_warps=warps, num_stages=stages, num_ctas=ctas, **extra)
 
     return run, partial

@@ -24,6 +24,8 @@ import torch
 from gpu_timing import gpu_args, matmul_ms, median_ms, random_head
 
 SHAPES = [(16384, 896, 151936), (16384, 4096, 128256), (65536, 2048, 128256), (65536, 4096, 128256)]
+
+
 def parts(n: int, h: int, v: int) -> dict:
     from align_cli.kernels import triton_logprobs as tl_
     from align_cli.kernels.triton_fused import fused_grad_logits

@@ -8,7 +8,7 @@ weight tiles are shared from L2 only while the programs in flight stay in step; 
 drift apart. Two measurements:
 
   forward chunks   the fused forward over all N tokens in one launch, then in launches of 2k-8k
-                   tokens (each launch starts its programs together; FORWARD_TOKEN_CHUNK), against
+                   tokens (each launch starts its programs together; `token_chunk`), against
                    the cuBLAS matmul
   grad budget      the whole fused backward at budgets of 2^27-2^30 gradient elements: a larger
                    block means fewer vocabulary chunks, so fewer passes over the fp32 dH accumulator,
@@ -32,14 +32,9 @@ BUDGETS = [1 << 27, 1 << 28, 1 << 29, 1 << 30]
 
 
 def forward_in_chunks(hidden, weight, labels, chunk: int):
-    from align_cli.kernels import triton_fused
+    from align_cli.kernels.triton_fused import fused_forward
 
-    default = triton_fused.FORWARD_TOKEN_CHUNK
-    triton_fused.FORWARD_TOKEN_CHUNK = chunk
-    try:
-        return triton_fused.fused_forward(hidden, weight, None, labels, False, 1.0)
-    finally:
-        triton_fused.FORWARD_TOKEN_CHUNK = default
+    return fused_forward(hidden, weight, None, labels, False, 1.0, token_chunk=chunk)
 
 
 def forward_rows(n: int, h: int, v: int) -> list[dict]:

@@ -34,6 +34,7 @@ import sys
 import types
 
 import torch
+from gpu_timing import elapsed_ms
 
 SHAPES_HV = [(896, 151936), (2048, 128256), (4096, 128256)]
 TOKENS = [4096, 16384, 65536]
@@ -121,15 +122,6 @@ def make_methods():
     return methods
 
 
-def _elapsed_ms(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
 def interleaved_times(fns: dict, reset) -> dict[str, list[float]]:
     """Milliseconds per method over rounds in which every method runs once, the order rotating each
     round. A drift of the GPU's clocks or temperature then touches every method alike, and the ratio
@@ -143,13 +135,13 @@ def interleaved_times(fns: dict, reset) -> dict[str, list[float]]:
     first = {}
     for name in names:
         reset()
-        first[name] = _elapsed_ms(fns[name])
+        first[name] = elapsed_ms(fns[name])
     rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, ROUND_BUDGET_MS // max(sum(first.values()), 1e-3))))
     times = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             reset()
-            times[name].append(_elapsed_ms(fns[name]))
+            times[name].append(elapsed_ms(fns[name]))
     return times
 
 

@@ -183,7 +183,8 @@ def _backward(strategy, hidden, weight, bias, labels, lse, entropy, grad_lp, gra
     )
 
 
-def _time_ms(run) -> float:
+def elapsed_ms(run) -> float:
+    """GPU milliseconds of one `run()`, between CUDA events (also the benchmarks' timer)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     run()
@@ -206,7 +207,7 @@ def _choose(key: tuple, runs: dict):
             times = {}
             for name, run in runs.items():
                 run()  # compiles and tunes outside the timing
-                times[name] = min(_time_ms(run) for _ in range(2))
+                times[name] = min(elapsed_ms(run) for _ in range(2))
             _chosen[key] = min(times, key=times.get)
     return runs[_chosen[key]]()
 
