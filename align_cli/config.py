@@ -71,6 +71,11 @@ class DataSource(Section):
                                   "`rated_to_triples`: rows are a prompt with several rated responses (`completions` of "
                                   "{response, score}); each becomes a triple: highest score = gold, second = chosen, "
                                   "lowest = rejected (rows with fewer than 3 responses or no score gap are dropped).")
+    triple_margin: float = Field(
+        2.0, ge=0, description="`format: rated_to_triples`: keep a triple only when the chosen scores at least this "
+                               "much below the gold and the rejected at least this much below the chosen (2: the TPO "
+                               "authors' released UltraFeedback triples); the others are dropped and counted in a "
+                               "warning. 0: any chosen that beats its rejected.")
     max_rows: Optional[int] = Field(None, ge=1, description="Use only the first N rows (after shuffling when `shuffle`).")
 
 

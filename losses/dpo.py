@@ -115,15 +115,31 @@ def hinge(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: flo
     return loss, preference_metrics(beta, chosen, rejected, policy_chosen, policy_rejected)
 
 
-@register("sft")
-def sft(policy_chosen, chosen_lengths):
-    """Token-mean NLL of the chosen completions: batch mean = `-sum(logp(y_w|x)) / sum(|y_w|)`.
+SFT_NORMALIZATIONS = ("batch_tokens", "per_sequence")
 
-    Each example's value is its summed NLL times `B / total_tokens`, so averaging over the batch gives the
-    token mean (every token weighs the same, as in TRL's `loss_type="sft"`). Added with a weight to DPO this
-    is RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv:2404.19733. The token
-    count is that of this batch (one micro-batch, one rank), like TRL.
+
+@register("sft")
+def sft(policy_chosen, chosen_lengths, *, normalize: str = "batch_tokens"):
+    """NLL of the chosen completions, added with a weight to DPO as RPO: Pang et al. 2024, "Iterative
+    Reasoning Preference Optimization", arXiv:2404.19733.
+
+    - `normalize="batch_tokens"` (default): the token mean over the batch, batch mean =
+      `-sum_i logp(y_w_i|x_i) / sum_i |y_w_i|`. Each example's value is its summed NLL times
+      `B / total_tokens`, so every token of the batch weighs the same, as in TRL's `loss_type="sft"`; the token
+      count is that of this batch (one micro-batch, one rank), like TRL.
+    - `normalize="per_sequence"`: the RPO paper's NLL term, `-log M(c, y|x) / (|c| + |y|)` for a chain of
+      thought c and answer y: each example's NLL divided by its own length, `-logp(y_w_i|x_i) / |y_w_i|`,
+      then averaged over examples, so a short answer weighs as much as a long one.
+
+    The default stays `batch_tokens`: it is what every shipped recipe and its recorded results used, and it
+    matches TRL. The two agree when all chosen completions have the same length.
     """
-    loss = spread_token_mean_nll(policy_chosen, chosen_lengths)
+    if normalize not in SFT_NORMALIZATIONS:
+        raise ValueError(f"sft: normalize must be one of {SFT_NORMALIZATIONS}, got {normalize!r}")
+    if normalize == "per_sequence":
+        logps = upcast(policy_chosen)
+        loss = -logps / token_counts(chosen_lengths, logps)
+    else:
+        loss = spread_token_mean_nll(policy_chosen, chosen_lengths)
     metrics = {"nll/chosen": loss.detach().mean(), "logps/chosen": upcast(policy_chosen.detach()).mean()}
     return loss, metrics

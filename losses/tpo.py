@@ -68,20 +68,24 @@ def tpo_l(
     *,
     beta: float = 0.01,
     gamma: float = 0.5,
+    label_smoothing: float = 0.0,
     alpha: float = 1.0,
 ):
-    """TPO-L (length-controlled): `-logsig(beta * (lbar(y_w) - lbar(y_l)) - gamma) + alpha * NLL(y_gold)`,
-    `lbar(y) = logp(y|x) / |y|`.
+    """TPO-L (length-controlled): `-(1-eps) * logsig(z) - eps * logsig(-z) + alpha * NLL(y_gold)`,
+    `z = beta * (lbar(y_w) - lbar(y_l)) - gamma`, `lbar(y) = logp(y|x) / |y|`.
 
     `gamma` is a target reward margin (SimPO-style); the authors' range is 0.5..10. Saeidi et al. 2024,
-    arXiv:2405.16681; TRL's experimental TPOTrainer (`loss_type="tpo-l"`, `tpo_l_gamma`) computes the same.
+    arXiv:2405.16681; the authors' code (github.com/sahsaeedi/TPO, utils/tpo_trainer.py, `loss_type="tpo-l"`)
+    and TRL's experimental TPOTrainer (`tpo_l_gamma`) compute the same, label smoothing eps included (the
+    same conservative form as `tpo`'s; eps 0 is the paper's loss).
     beta defaults to 0.01 like TPO (TRL's one default for both); with per-token log-probs the preference term
     is much flatter than TPO's at the same beta, so larger values are worth a sweep.
     """
     chosen, rejected = upcast(policy_chosen), upcast(policy_rejected)
     chosen_mean = chosen / token_counts(chosen_lengths, chosen)
     rejected_mean = rejected / token_counts(rejected_lengths, rejected)
-    loss = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - gamma)
+    logits = beta * (chosen_mean - rejected_mean) - gamma
+    loss = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     metrics = preference_metrics(beta, chosen_mean, rejected_mean, policy_chosen, policy_rejected)
     return _add_gold_nll(loss, metrics, policy_gold, gold_lengths, alpha)
 

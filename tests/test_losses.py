@@ -74,7 +74,9 @@ def ref_hinge(t, beta=0.1):
     return torch.clamp(1 - beta * margin(t), min=0)
 
 
-def ref_sft(t):
+def ref_sft(t, normalize="batch_tokens"):
+    if normalize == "per_sequence":  # the RPO paper: each example's NLL over its own length
+        return -t["policy_chosen"] / t["chosen_lengths"]
     # Documented contract: per-example -logp * B / total tokens, so that the mean is the token-mean NLL.
     return -t["policy_chosen"] * len(t["policy_chosen"]) / t["chosen_lengths"].sum()
 
@@ -103,12 +105,13 @@ def ref_tpo(t, beta=0.01, label_smoothing=0.0, alpha=1.0):
     return preference - alpha * t["policy_gold"] * len(z) / t["gold_lengths"].sum()
 
 
-def ref_tpo_l(t, beta=0.01, gamma=0.5, alpha=1.0):
+def ref_tpo_l(t, beta=0.01, gamma=0.5, label_smoothing=0.0, alpha=1.0):
     z = (
         beta * (t["policy_chosen"] / t["chosen_lengths"] - t["policy_rejected"] / t["rejected_lengths"])
         - gamma
     )
-    return -logsig(z) - alpha * t["policy_gold"] * len(z) / t["gold_lengths"].sum()
+    preference = -(1 - label_smoothing) * logsig(z) - label_smoothing * logsig(-z)
+    return preference - alpha * t["policy_gold"] * len(z) / t["gold_lengths"].sum()
 
 
 def ref_srpo(t, beta=0.1, a=0.8):
@@ -148,6 +151,7 @@ CASES = [
     ("hinge", ref_hinge, PAIR, {}),
     ("hinge", ref_hinge, PAIR, {"beta": 1.0}),  # some margins past the hinge: zero loss and gradient
     ("sft", ref_sft, ["policy_chosen", "chosen_lengths"], {}),
+    ("sft", ref_sft, ["policy_chosen", "chosen_lengths"], {"normalize": "per_sequence"}),
     ("fdpo", ref_fdpo, PAIR, {}),
     ("fdpo", ref_fdpo, PAIR, {"divergence": "forward_kl", "beta": 0.03}),
     ("fdpo", ref_fdpo, PAIR, {"divergence": "js"}),
@@ -157,6 +161,7 @@ CASES = [
     ("tpo", ref_tpo, PAIR[:2] + GOLD, {"beta": 0.1, "label_smoothing": 0.2, "alpha": 0.05}),
     ("tpo_l", ref_tpo_l, PAIR[:2] + LENGTHS + GOLD, {}),
     ("tpo_l", ref_tpo_l, PAIR[:2] + LENGTHS + GOLD, {"beta": 2.0, "gamma": 1.5, "alpha": 0.5}),
+    ("tpo_l", ref_tpo_l, PAIR[:2] + LENGTHS + GOLD, {"beta": 2.0, "gamma": 1.5, "label_smoothing": 0.2}),
     ("srpo", ref_srpo, PAIR + SRPO_EXTRA, {}),
     ("srpo", ref_srpo, PAIR + SRPO_EXTRA + ["preference_probability"], {"a": 0.3, "beta": 0.05}),
     ("sppo", ref_sppo, PAIR, {}),

@@ -134,6 +134,19 @@ def test_sft_batch_mean_is_the_token_mean():
     torch.testing.assert_close(metrics["nll/chosen"], torch.tensor(1.35, dtype=torch.float64))
 
 
+def test_sft_per_sequence_is_the_mean_of_length_normalised_nlls():
+    """RPO's NLL: (3/2 + 10/7 + 0.5/1) / 3, not the token mean 13.5/10 (a long answer does not dominate)."""
+    logps = torch.tensor([-3.0, -10.0, -0.5], dtype=torch.float64)
+    lengths = torch.tensor([2, 7, 1])
+    loss, _ = LOSSES["sft"](logps, lengths, normalize="per_sequence")
+    torch.testing.assert_close(loss.mean(), torch.tensor((1.5 + 10 / 7 + 0.5) / 3, dtype=torch.float64))
+    same_lengths = torch.tensor([4, 4, 4])
+    torch.testing.assert_close(LOSSES["sft"](logps, same_lengths, normalize="per_sequence")[0].mean(),
+                               LOSSES["sft"](logps, same_lengths)[0].mean())
+    with pytest.raises(ValueError, match="normalize"):
+        LOSSES["sft"](logps, lengths, normalize="tokens")
+
+
 def test_losses_combine_by_weights_into_rpo():
     """`sum_i w_i * mean(loss_i)` with dpo and sft is RPO: DPO plus a weighted token-mean NLL."""
     t = pair_inputs(5)

@@ -236,6 +236,11 @@ TPO_CASES = [
         {"loss_type": "tpo-l", "beta": 2.0, "tpo_l_gamma": 0.7, "tpo_alpha": 0.5},
         [(1.0, "tpo_l", {"beta": 2.0, "gamma": 0.7, "alpha": 0.5})],
     ),
+    (
+        "tpo_l-label-smoothing",
+        {"loss_type": "tpo-l", "beta": 2.0, "tpo_l_gamma": 0.7, "label_smoothing": 0.2, "tpo_alpha": 0.5},
+        [(1.0, "tpo_l", {"beta": 2.0, "gamma": 0.7, "label_smoothing": 0.2, "alpha": 0.5})],
+    ),
 ]
 
 

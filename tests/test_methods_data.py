@@ -51,8 +51,40 @@ def test_rated_rows_become_gold_chosen_rejected():
     assert rated_to_triple("Q", tie) is None, "second and lowest tie: no preference"
 
 
+def test_triples_keep_the_released_data_score_gaps():
+    """The TPO authors' released triples: chosen >= 2 points below gold, rejected >= 2 below chosen."""
+    def rated(*scores):
+        return [{"response": f"r{score}", "score": score} for score in scores]
+
+    # gold 9; 8 is too close to it, so the chosen is 7; the rejected 5 is 2 below it: kept.
+    assert rated_to_triple("Q", rated(9, 8, 7, 5)) == {"prompt": "Q", "gold": "r9", "chosen": "r7", "rejected": "r5"}
+    assert rated_to_triple("Q", rated(9, 8, 7, 6)) is None, "the rejected only 1 below the chosen"
+    assert rated_to_triple("Q", rated(9, 8, 8)) is None, "no response 2 below the gold"
+    assert rated_to_triple("Q", rated(9, 7, 6)) is None, "the chosen 7 leaves no rejected 2 below it"
+    # margin 0: the second and the lowest, any strict gap (the builder's behaviour before the rule).
+    assert rated_to_triple("Q", rated(9, 8, 7, 6), margin=0) == {"prompt": "Q", "gold": "r9", "chosen": "r8",
+                                                                   "rejected": "r6"}
+    assert rated_to_triple("Q", rated(9, 9, 7), margin=0)["chosen"] == "r9", "a tie with the gold is kept at margin 0"
+    assert rated_to_triple("Q", rated(9, 7, 7), margin=0) is None, "chosen and rejected tie: no preference"
+    assert rated_to_triple("Q", rated(9.0, 8.5, 7.5, 6.0), margin=1.5)["chosen"] == "r7.5"
+    rows = [{"prompt": f"Q{i}", "completions": rated(*scores)}
+            for i, scores in enumerate([(9, 7, 5), (9, 8, 8), (9, 7, 6), (9, 7, 6), (4, 2)])]
+    with pytest.warns(UserWarning) as caught:
+        triples = rated_to_triples(Dataset.from_list(rows), ColumnMap(), "r.jsonl")
+    assert len(triples) == 1 and triples[0]["chosen"] == "r7"
+    message = str(caught[0].message)
+    assert "4 of 5 rated rows made no triple" in message
+    assert "2 with no response at least 2 points below the chosen" in message
+    assert "1 with no response at least 2 points below the best" in message and "1 with fewer than 3" in message
+    source = DataSource(source="r.jsonl", format="rated_to_triples", triple_margin=1)
+    with pytest.warns(UserWarning, match="2 of 5"):
+        assert len(normalise_rows(Dataset.from_list(rows), source)) == 3
+    with pytest.raises(UserError, match="no rated row makes a TPO triple.*triple_margin"):
+        rated_to_triples(Dataset.from_list(rows[1:2]), ColumnMap(), "r.jsonl")
+
+
 def test_rated_dataset_builder_drops_with_a_warning_and_maps_columns():
-    rows = [{"question": "Q1", "answers": [{"response": "a", "score": 3}, {"response": "b", "score": 2},
+    rows = [{"question": "Q1", "answers": [{"response": "a", "score": 5}, {"response": "b", "score": 3},
                                             {"response": "c", "score": 1}]},
             {"question": "Q2", "answers": [{"response": "a", "score": 3}]}]
     columns = ColumnMap(prompt="question", completions="answers")

@@ -68,7 +68,7 @@ def normalise_rows(dataset, source):
     if source.format == "rated_to_triples":
         from .triples import rated_to_triples
 
-        return rated_to_triples(dataset, source.columns, source.source)
+        return rated_to_triples(dataset, source.columns, source.source, source.triple_margin)
     mapping = {name: column for name, column in source.columns.model_dump().items() if name in PAIR_COLUMNS}
     return apply_column_mapping(dataset, mapping, source.source)
 
