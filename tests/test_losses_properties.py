@@ -203,27 +203,78 @@ def test_fdpo_stays_finite_for_huge_log_ratios(divergence, dtype):
 
 
 @pytest.mark.parametrize("divergence, alpha", [("forward_kl", 1.0), ("alpha", 0.5)])
-def test_fdpo_clamp_is_what_keeps_it_finite(divergence, alpha):
-    """Beyond `max_exponent` psi is constant: equal losses, zero gradient; without the clamp it overflows."""
-    beyond = {
-        "policy_chosen": torch.tensor([-1e4], requires_grad=True),
-        "policy_rejected": torch.tensor([-3.0]),
-        "ref_chosen": torch.tensor([0.0]),
-        "ref_rejected": torch.tensor([-2.0]),
-    }
-    max_exponent = 11.0
-    at_clamp = dict(beyond, policy_chosen=torch.tensor([-max_exponent / alpha]))
-    kwargs = {"divergence": divergence, "alpha": alpha, "max_exponent": max_exponent}
+def test_fdpo_beyond_the_cap_the_slope_is_capped_not_the_value(divergence, alpha):
+    """Beyond `max_exponent` psi follows its tangent: continuous value, slope exp(cap), still a gradient."""
+    max_exponent, beta = 11.0, 0.1
+    kwargs = {"divergence": divergence, "alpha": alpha, "max_exponent": max_exponent, "beta": beta}
+    others = {"policy_rejected": torch.tensor([-3.0]), "ref_chosen": torch.tensor([0.0]),
+              "ref_rejected": torch.tensor([-2.0])}  # h_l = -1
+    h_at_cap = -max_exponent / alpha
+
+    def loss_and_slope(h):
+        chosen = torch.tensor([h], dtype=torch.float64, requires_grad=True)
+        loss = LOSSES["fdpo"](chosen, **{k: v.double() for k, v in others.items()}, **kwargs)[0]
+        return loss.item(), torch.autograd.grad(loss.sum(), chosen)[0].item()
+
+    def psi_l():
+        return -math.exp(alpha * 1.0) / alpha
+
+    # At the cap: the exact formula. 1e4 beyond it: the tangent, -exp(cap) * (1 + e - cap) / alpha.
+    for h in (h_at_cap, -1e4):
+        exponent = -alpha * h
+        psi_w = -math.exp(min(exponent, max_exponent)) * (1 + max(exponent - max_exponent, 0.0)) / alpha
+        z = beta * (psi_w - psi_l())
+        loss, slope = loss_and_slope(h)
+        assert loss == pytest.approx(-z + math.log1p(math.exp(z)), rel=1e-12)
+        # d loss / d h_w = -sigmoid(-z) * beta * psi'(h_w), psi' = exp(min(exponent, cap)).
+        assert slope == pytest.approx(-beta * math.exp(min(exponent, max_exponent)) / (1 + math.exp(z)), rel=1e-9)
+        assert slope < 0, "a chosen answer far below the reference is still pushed up"
+    assert loss_and_slope(h_at_cap - 1e-6)[1] == pytest.approx(loss_and_slope(h_at_cap + 1e-6)[1], rel=1e-5)
+    # Far enough out for the tangent itself to overflow float32, the value stops growing and stays finite.
+    beyond = {"policy_chosen": torch.tensor([-1e30], requires_grad=True)} | others
     loss = LOSSES["fdpo"](**beyond, **kwargs)[0]
-    torch.testing.assert_close(loss, LOSSES["fdpo"](**at_clamp, **kwargs)[0])
-    (grad,) = torch.autograd.grad(loss.sum(), beyond["policy_chosen"])
-    assert grad.item() == 0.0
-    # psi at the clamp is -exp(11)/alpha, so beta * margin is about -0.1 * 6e4 / alpha.
-    assert loss.item() == pytest.approx(
-        0.1 * (math.exp(max_exponent) - math.exp(alpha * 1.0)) / alpha, rel=1e-4
-    )
-    unclamped = LOSSES["fdpo"](**beyond, divergence=divergence, alpha=alpha, max_exponent=math.inf)[0]
-    assert not torch.isfinite(unclamped).all()
+    assert torch.isfinite(loss).all() and torch.isfinite(torch.autograd.grad(loss.sum(), beyond["policy_chosen"])[0])
+
+
+def fdpo_reference(h_w, h_l, beta, divergence, alpha):
+    """float64, straight from the paper's f'(u) with u = exp(h) (constants included: they cancel)."""
+    def f_prime(h):
+        u = torch.exp(h)
+        return {"forward_kl": 1 - 1 / u, "js": torch.log(2 * u / (1 + u)), "reverse_kl": torch.log(u) + 1,
+                "alpha": (1 - u ** (-alpha)) / alpha}[divergence]
+
+    return torch.nn.functional.softplus(-beta * (f_prime(h_w) - f_prime(h_l)))
+
+
+@pytest.mark.parametrize("divergence, alpha", [("forward_kl", 0.5), ("js", 0.5), ("reverse_kl", 0.5),
+                                               ("alpha", 0.3), ("alpha", 0.9)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fdpo_low_precision_gradients_are_finite_and_values_exact_inside_the_cap(divergence, dtype, alpha):
+    """|h| up to 90 on either side, fp16/bf16 inputs: every gradient finite in the input dtype (before the cap
+    was chosen per dtype, fp16 gradients were beta * e^k > 65504, i.e. inf, for 11 < k <= 80)."""
+    beta = 0.1
+    h = torch.tensor([-90.0, -79.0, -40.0, -20.0, -12.0, -8.0, -1.0, 0.0, 1.0, 8.0, 20.0, 90.0])
+    rejected_h = torch.tensor([90.0, -90.0, 3.0, -2.0, 12.0, -12.0, 0.5, -6.0, 40.0, -79.0, -8.0, 1.0])
+    tensors = {"policy_chosen": (h - 4).to(dtype), "policy_rejected": (rejected_h - 4).to(dtype),
+               "ref_chosen": torch.full_like(h, -4.0).to(dtype), "ref_rejected": torch.full_like(h, -4.0).to(dtype)}
+    leaves = {k: v.clone().requires_grad_() for k, v in tensors.items()}
+    loss, _ = LOSSES["fdpo"](**leaves, divergence=divergence, alpha=alpha, beta=beta)
+    grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+    assert torch.isfinite(loss).all()
+    for grad in grads:
+        assert grad.dtype == dtype and torch.isfinite(grad).all()
+    assert grads[0][0] < 0, "h_w = -90 (beyond the cap) still gets a gradient that raises it"
+
+    # Inside the cap (every exponent below it) the values are the float64 formula of the rounded inputs.
+    cap = math.log(torch.finfo(dtype).max / (2 * beta)) if dtype == torch.float16 else 80.0
+    h_w = (tensors["policy_chosen"].double() - tensors["ref_chosen"].double())
+    h_l = (tensors["policy_rejected"].double() - tensors["ref_rejected"].double())
+    exponential = divergence in ("forward_kl", "alpha")
+    scale = alpha if divergence == "alpha" else 1.0
+    inside = -scale * torch.minimum(h_w, h_l) < cap if exponential else torch.ones_like(h_w, dtype=torch.bool)
+    assert inside.sum() >= 6 and (~inside).sum() >= (2 if exponential and dtype == torch.float16 else 0)
+    expected = fdpo_reference(h_w, h_l, beta, divergence, alpha)
+    torch.testing.assert_close(loss.double()[inside], expected[inside], rtol=1e-5, atol=1e-6)  # float32 compute
 
 
 def test_fdpo_rejects_bad_settings():
