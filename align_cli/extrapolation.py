@@ -5,8 +5,13 @@ The extrapolated policy is `log pi_{t+1} = (1+alpha) log pihat_{t+1} - alpha log
 No model is trained for it; three things are computed from the two checkpoints instead:
 
 - reference log-probs of the next iteration's pairs (`AnchorLogps`): per sequence
-  `(1+alpha)*logp_{t+1} - alpha*logp_t`, exact for pairwise losses because `log Z(x)` cancels in the
-  chosen-minus-rejected margin;
+  `(1+alpha)*logp_{t+1} - alpha*logp_t`, minus `log Z(x)` where the loss needs it. `log Z(x) =
+  log sum_y pihat_{t+1}(y)^(1+alpha) pihat_t(y)^(-alpha)` (alpha times the Renyi divergence of order 1+alpha
+  between the two checkpoints) is the same for a prompt's chosen and rejected answers, so it cancels exactly
+  in losses of the margin `h(y_w) - h(y_l)` (dpo, cdpo, rdpo, hinge, fdpo with reverse KL). It does not
+  cancel in SPPO's per-response squares, IPO's length-normalised margin (`c/|y_w| - c/|y_l|` is not 0) or
+  f-DPO's nonlinear psi; for those it is estimated per prompt from the K responses sampled from pihat_{t+1}
+  (`log_normaliser_estimate`);
 - sampling by per-token logits (`ExtrapolatedLogits`): `(1+alpha)*z_{t+1} - alpha*z_t`, then the usual
   temperature, top-p and softmax (token-level, so its sequence distribution is an approximation of pi_{t+1});
 - sampling by weights (`extrapolated_weights`): `theta_{t+1} + alpha*(theta_{t+1} - theta_t)`, cheap and
@@ -16,6 +21,7 @@ No model is trained for it; three things are computed from the two checkpoints i
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +30,46 @@ from transformers import LogitsProcessor
 
 from .models import freeze, load_causal_lm
 from .reference import LiveReference, cache_key, cached_or_computed, model_identity
+
+# Losses that see the reference only through `ref_chosen - ref_rejected` of one prompt: a per-prompt shift of
+# the reference (the anchor's missing -log Z(x)) leaves them unchanged. Every other loss with a reference
+# needs the normalised anchor (an unknown loss is assumed to need it).
+MARGIN_ONLY_LOSSES = frozenset({"dpo", "cdpo", "rdpo", "hinge"})
+
+
+def needs_normalised_anchor(terms) -> list[str]:
+    """The names of the recipe's loss terms (`LossTerm`s) that a per-prompt shift of the reference changes."""
+    from .losses import LOSSES, needs_reference
+
+    def shift_invariant(term) -> bool:
+        if not needs_reference(LOSSES[term.name]) or term.name in MARGIN_ONLY_LOSSES:
+            return True
+        return term.name == "fdpo" and term.params.get("divergence", "reverse_kl") == "reverse_kl"
+
+    return [term.name for term in terms if not shift_invariant(term)]
+
+
+def log_normaliser_estimate(anchor_logps: torch.Tensor, sampler_logps: torch.Tensor) -> torch.Tensor:
+    """`log Z = log sum_y exp(A(y))` of an unnormalised log-density `A` (the anchor), from responses
+    `y_1..y_K ~ q` of one prompt: `log mean_j exp(A(y_j) - log q(y_j))` (importance sampling; shapes `[..., K]`).
+
+    For APO's anchor `A = (1+a) logp_{t+1} - a logp_t` sampled from `q = pihat_{t+1}` this is
+    `log mean_j exp(a * (logp_{t+1}(y_j) - logp_t(y_j)))`: the log of the mean of the importance weights that,
+    normalised, reweight the samples to the extrapolated policy. Consistent as K grows (for finite K the log of
+    the mean is biased low by Jensen's inequality); valid only when the y_j really are draws from q.
+    """
+    weights = anchor_logps.double() - sampler_logps.double()
+    return torch.logsumexp(weights, dim=-1) - math.log(weights.shape[-1])
+
+
+@dataclass(frozen=True)
+class NormaliserSamples:
+    """The K responses sampled for each prompt from the checkpoint `sampled_from` (one of the anchor's terms, at
+    temperature 1 without top-p), which `AnchorLogps` uses to estimate and subtract `log Z(x)` per prompt."""
+
+    sampled_from: str
+    prompts: tuple
+    responses: tuple[tuple[str, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -35,16 +81,29 @@ class AnchorLogps:
 
     terms: tuple[tuple[float, str], ...]
     cache_dir: str | None = None
+    normaliser: NormaliserSamples | None = None  # given: subtract the estimated log Z(x) from every row
 
     @property
     def description(self) -> str:
-        return " + ".join(f"{weight:g} x logp({location})" for weight, location in self.terms)
+        text = " + ".join(f"{weight:g} x logp({location})" for weight, location in self.terms)
+        if self.normaliser is not None:
+            samples = len(self.normaliser.responses[0]) if self.normaliser.responses else 0
+            text += f" - log Z(x) (estimated from {samples} samples per prompt)"
+        return text
 
     def __call__(self, run, datasets: dict, groups: list[str]) -> dict[str, dict[str, torch.Tensor]]:
         recipe, accelerator = run.recipe, run.accelerator
         totals: dict[str, dict[str, torch.Tensor]] = {}
+        samples = _tokenised_samples(run, self.normaliser) if self.normaliser is not None else None
+        anchor_of_samples, sampler_of_samples = 0.0, None
         for weight, location in self.terms:
             model = freeze(load_causal_lm(location, recipe.model, run.dtype)).to(accelerator.device)
+            if samples is not None:
+                logps = _completion_logps(model, samples, run.tokenizer.pad_token_id, recipe.training.batch_size,
+                                          accelerator.device, recipe.training.fused_logprobs)
+                anchor_of_samples = anchor_of_samples + weight * logps
+                if location == self.normaliser.sampled_from:
+                    sampler_of_samples = logps
             live = LiveReference(model, contextlib.nullcontext, recipe.training.fused_logprobs, groups)
             for split, dataset in datasets.items():
                 key = cache_key(model_identity(location), dataset._fingerprint,
@@ -57,7 +116,88 @@ class AnchorLogps:
                     term = values if weight == 1.0 else weight * values  # one checkpoint: its log-probs unchanged
                     split_totals[name] = term if name not in split_totals else split_totals[name] + term
             del model, live
+        if samples is not None:
+            if sampler_of_samples is None:
+                raise ValueError(f"APO: the samples come from {self.normaliser.sampled_from}, which is not one of "
+                                 f"the anchor's checkpoints {[location for _, location in self.terms]}")
+            log_z = _log_normaliser_by_prompt(samples, anchor_of_samples, sampler_of_samples)
+            for split, dataset in datasets.items():
+                missing = subtract_log_normaliser(totals[split], dataset["prompt_ids"], log_z, groups)
+                if missing and accelerator.is_main_process:
+                    print(f"APO anchor: {missing} of {len(dataset)} {split} rows have no sampled prompt to estimate "
+                          f"log Z(x) from; their reference stays unnormalised (their loss values are shifted).",
+                          flush=True)
         return totals
+
+
+@dataclass(frozen=True)
+class TokenisedSamples:
+    prompt_ids: list[list[int]]      # one per kept response
+    completion_ids: list[list[int]]
+    prompt_of: list[int]             # index of each response's prompt in `NormaliserSamples.prompts`
+
+
+def _tokenised_samples(run, normaliser: NormaliserSamples) -> TokenisedSamples:
+    """Each sampled response tokenised exactly like a pair's completion (same template, truncation and
+    prompt ids), so a pair row finds its prompt's samples by its `prompt_ids`. Responses of prompts the
+    tokenisation drops are left out."""
+    import dataclasses
+
+    from .data.preference import tokenise_pair
+
+    settings = dataclasses.replace(run.tokenisation, groups=("chosen", "rejected"), generate_template=None,
+                                   revision_template=None)
+    prompt_ids, completion_ids, prompt_of = [], [], []
+    for index, (prompt, responses) in enumerate(zip(normaliser.prompts, normaliser.responses)):
+        for text in responses:
+            completion = text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+            tokens = tokenise_pair({"prompt": prompt, "chosen": completion, "rejected": completion}, run.tokenizer,
+                                   settings)
+            if tokens["keep"]:
+                prompt_ids.append(tokens["prompt_ids"])
+                completion_ids.append(tokens["chosen_ids"])
+                prompt_of.append(index)
+    return TokenisedSamples(prompt_ids, completion_ids, prompt_of)
+
+
+@torch.no_grad()
+def _completion_logps(model, samples: TokenisedSamples, pad_id: int, batch_size: int, device,
+                      fused: bool) -> torch.Tensor:
+    """Summed completion log-probs of every sampled response under `model`, `[N]` float32 on the CPU."""
+    from .data.batching import pad_sequences
+    from .logprobs import sequence_logps
+
+    sums = []
+    for start in range(0, len(samples.prompt_ids), batch_size):
+        batch = pad_sequences(samples.prompt_ids[start: start + batch_size],
+                              samples.completion_ids[start: start + batch_size], pad_id)
+        sums.append(sequence_logps(model, batch.to(device), fused=fused).sums.float().cpu())
+    return torch.cat(sums) if sums else torch.zeros(0)
+
+
+def _log_normaliser_by_prompt(samples: TokenisedSamples, anchor: torch.Tensor,
+                              sampler: torch.Tensor) -> dict[tuple[int, ...], float]:
+    """`log_normaliser_estimate` of each sampled prompt, keyed by its token ids."""
+    members: dict[tuple[int, ...], list[int]] = {}
+    for position, prompt_ids in enumerate(samples.prompt_ids):
+        members.setdefault(tuple(prompt_ids), []).append(position)
+    return {key: float(log_normaliser_estimate(anchor[positions], sampler[positions]))
+            for key, positions in members.items()}
+
+
+def subtract_log_normaliser(table: dict[str, torch.Tensor], prompt_ids, log_z: dict[tuple[int, ...], float],
+                            groups: list[str]) -> int:
+    """Subtract `log Z(x)` from the reference log-probs of every row whose prompt has an estimate, in every group
+    that continues the plain prompt (chosen, rejected, gold); returns how many rows had none."""
+    from .data.batching import GROUP_COLUMNS
+
+    shift = torch.tensor([log_z.get(tuple(ids), math.nan) for ids in prompt_ids], dtype=torch.float64)
+    known = ~torch.isnan(shift)
+    for name in groups:
+        if GROUP_COLUMNS[name][0] == "prompt_ids" and name in table:
+            values = table[name]
+            table[name] = torch.where(known, values.double() - torch.nan_to_num(shift), values.double()).to(values.dtype)
+    return int((~known).sum())
 
 
 def anchor_terms(current: str, previous: str | None, alpha: float) -> tuple[tuple[float, str], ...]:

@@ -5,9 +5,11 @@ Iteration t = 1..T, with pihat_0 = the starting model and pi_{t-1} the anchor:
 1. sample K responses per prompt (a fresh slice of `data.train` prompts) from pi_{t-1};
 2. score them with the ranker and keep best vs worst (prompts whose responses all tie give no pair);
 3. proximal step: train the pairwise loss from pihat_{t-1} with reference pi_{t-1}, giving pihat_t;
-4. momentum: pi_t = (1+alpha)*log pihat_t - alpha*log pihat_{t-1} (- log Z), which only ever enters as
-   reference log-probs computed exactly from the two frozen checkpoints (`extrapolation.AnchorLogps`)
-   and as the sampling policy of the next iteration (`sample_from`).
+4. momentum: pi_t = (1+alpha)*log pihat_t - alpha*log pihat_{t-1} - log Z(x), which only ever enters as
+   reference log-probs computed from the two frozen checkpoints (`extrapolation.AnchorLogps`) and as the
+   sampling policy of the next iteration (`sample_from`). log Z(x) cancels in margin losses (dpo, cdpo, rdpo,
+   hinge); for the others (sppo, ipo, fdpo other than reverse KL) it is estimated per prompt from the
+   iteration's K samples, which must then be draws from pihat_t itself (`require_estimable_normaliser`).
 pi_0 = pihat_0, so iteration 1 is the same for every alpha. Held-out task accuracy is measured on the
 trained weights pihat_t after each iteration (greedy decoding, `evaluation`).
 """
@@ -21,7 +23,7 @@ from ..checkpoint import write_json_atomic
 from ..config import Recipe
 from ..data.sources import train_prompt_rows
 from ..errors import UserError
-from ..extrapolation import AnchorLogps, anchor_terms
+from ..extrapolation import AnchorLogps, NormaliserSamples, anchor_terms, needs_normalised_anchor
 from ..generation import SamplingSettings
 from ..rankers import make_ranker, win_probabilities
 from ..run_setup import load_task_rows
@@ -40,6 +42,33 @@ def prompt_slice(prompts: list[dict], iteration: int, size: int) -> list[dict]:
     the SPPO/APO pipelines, while there are enough)."""
     start = (iteration - 1) * size
     return [prompts[(start + i) % len(prompts)] for i in range(min(size, len(prompts)))]
+
+
+def normalised_anchor_losses(recipe: Recipe) -> list[str]:
+    """The loss terms that need `log Z(x)` taken off the extrapolated anchor; none without momentum (every
+    anchor is then one checkpoint, already normalised) or with a single iteration."""
+    config = recipe.method.apo
+    if config.alpha == 0 or config.iterations < 2:
+        return []
+    return needs_normalised_anchor(recipe.method.losses)
+
+
+def require_estimable_normaliser(recipe: Recipe) -> None:
+    """`log Z(x) = log E_{y ~ pihat_t}[(pihat_t(y) / pihat_{t-1}(y))^alpha]` is estimated from the K samples of
+    each prompt, which is valid only if they are draws from pihat_t: `sample_from: policy` at temperature 1
+    without top-p (an extrapolated sampler, a temperature or a nucleus draws from another distribution)."""
+    names = normalised_anchor_losses(recipe)
+    config = recipe.method.apo
+    wanted = (("sample_from", config.sample_from, "policy"), ("temperature", config.temperature, 1.0),
+              ("top_p", config.top_p, 1.0))
+    wrong = [f"{key}: {value}" for key, value, right in wanted if value != right]
+    if names and wrong:
+        raise UserError(
+            f"method.apo with alpha {config.alpha:g} and loss {', '.join(sorted(set(names)))}: this loss compares each "
+            f"response's log-ratio to the reference on its own, so the extrapolated anchor must be normalised, and "
+            f"log Z(x) is estimated from each prompt's {config.samples_per_prompt} samples, which must be draws from "
+            f"the trained policy itself. Set method.apo.sample_from: policy, temperature: 1.0 and top_p: 1.0 (now "
+            f"{', '.join(wrong)}), or use a margin loss (dpo, cdpo, rdpo, hinge), or alpha: 0.")
 
 
 def sample_statistics(samples: list[dict], scores: list[list[float]]) -> dict:
@@ -87,6 +116,7 @@ def run_apo(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | N
             overwrite: bool = False, on_step_end=None) -> dict:
     config = recipe.method.apo
     loop.require_reference_loss(recipe)
+    require_estimable_normaliser(recipe)
     run_dir = loop.open_run_dir(recipe, recipe_path, output_dir, resume, overwrite)
     loop.set_threads(recipe)
     started = time.time()
@@ -126,8 +156,12 @@ def run_apo(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | N
                             f"others' {config.samples_per_prompt} responses all scored the same), fewer than one batch "
                             f"of {recipe.training.batch_size}. Raise method.apo.prompts_per_iteration or "
                             f"samples_per_prompt, or lower training.batch_size.")
-        anchor = AnchorLogps(anchor_terms(current, previous, config.alpha),
-                             recipe.reference.cache_dir or str(run_dir / "reference_logps"))
+        terms = anchor_terms(current, previous, config.alpha)
+        normaliser = None
+        if len(terms) > 1 and normalised_anchor_losses(recipe):  # these samples are draws from pihat_t = current
+            normaliser = NormaliserSamples(current, tuple(row["prompt"] for row in samples),
+                                           tuple(tuple(row["responses"]) for row in samples))
+        anchor = AnchorLogps(terms, recipe.reference.cache_dir or str(run_dir / "reference_logps"), normaliser)
         stage_recipe = loop.derive_recipe(recipe, {
             "model.name": current, "reference.name": None, "method.name": "dpo",
             "data.train": {"source": str(folder / "pairs.jsonl"), "split": "train"},
