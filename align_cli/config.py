@@ -7,6 +7,7 @@ Unknown keys are errors (`extra="forbid"`), reported with the closest valid key 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -166,8 +167,9 @@ class D3SConfig(Section):
 
     enabled: bool = Field(False, description="Down-sample rollouts and tokens after computing advantages with all G.")
     sample_scope: Literal["group", "batch"] = Field(
-        "group", description="`group` (D3S-I): the max-variance subset of m rollouts within each group; `batch`: of "
-                             "m x prompts rollouts across the batch.")
+        "batch", description="`batch` (the paper's D3S, which selects \"across groups\"): the max-variance subset of "
+                             "m x prompts rollouts across the step's batch, so a group may keep more or fewer than m; "
+                             "`group` (the paper's D3S-I variant): of m rollouts within each group.")
     token_scope: Literal["batch", "sequence"] = Field(
         "batch", description="Top-K% tokens by |A|*H over all kept rollouts of the step (`batch`, per process) or "
                              "within each rollout (`sequence`). Dropped tokens get no gradient and do not count in "
@@ -178,24 +180,73 @@ class D3SConfig(Section):
     keep_final: float = Field(60.0, gt=0, le=100, description="Percent of tokens kept at the end (linear in between).")
 
 
+# What each HAPO preset sets where the recipe does not (docs/online_rl.md, "HAPO presets"). `paper`: the paper's
+# text; `released`: github.com/starriver030515/HAPO as its recipes run it (verl/trainer/ppo/core_algos.py,
+# dp_actor.py, recipe/*.sh). `loss` holds the defaults of the `hapo` loss term's hyperparameters.
+HAPO_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"entropy_sign": "paper", "tau": 0.1, "signal_source": "rollout_step", "score_temperature": "sampled",
+              "loss": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": None}},
+    "released": {"entropy_sign": "released_code", "tau": 0.05, "signal_source": "micro_batch",
+                 "score_temperature": "base", "loss": {"eps_low": 0.2, "eps_high": 0.2, "dual_clip": 10.0}},
+}
+
+
+@dataclass(frozen=True)
+class HapoSettings:
+    entropy_sign: str
+    tau: float
+    signal_source: str
+    score_temperature: str
+    loss_defaults: dict[str, Any]  # the `hapo` loss term's hyperparameters unless the recipe sets them
+
+
 class HapoConfig(Section):
     """HAPO's sampling and advantage parts (Liu et al. 2025), ALGORITHMS.md section 9. Its loss parts
-    (advantage redistribution, adaptive clipping) are the `hapo` loss's hyperparameters in `method.losses`."""
+    (advantage redistribution, adaptive clipping) are the `hapo` loss's hyperparameters in `method.losses`.
+    `preset` fills every key below that the recipe leaves out, and the `hapo` loss term's eps_low, eps_high and
+    dual_clip: `paper` (default: the method as the paper writes it) or `released` (the authors' code exactly).
+    Code reads the resolved values from `settings`."""
 
-    entropy_sign: Literal["paper", "released_code"] = Field(
-        "paper", description="`paper`: low-entropy tokens get a negative signal (h / |min h|). `released_code`: the "
-                             "released code's h / min h, which makes every signal non-negative and disables every "
-                             "low-entropy branch.")
+    preset: Literal["paper", "released"] = Field(
+        "paper", description="`paper`: entropy_sign paper, tau 0.1, eps 0.2/0.28, no dual clip, signal from pi_old "
+                             "per step, tokens scored at their sampled temperature. `released` (the authors' code and "
+                             "recipes): entropy_sign released_code, tau 0.05, eps 0.2/0.2, dual clip 10, signal from "
+                             "the current policy per micro-batch, tokens scored at rl.temperature. Keys set in the "
+                             "recipe win over the preset.")
+    entropy_sign: Optional[Literal["paper", "released_code"]] = Field(
+        None, description="`paper`: low-entropy tokens get a negative signal (h / |min h|). `released_code`: the "
+                          "released code's h / min h, which makes every signal non-negative and disables every "
+                          "low-entropy branch. None: from preset.")
+    signal_source: Optional[Literal["rollout_step", "micro_batch"]] = Field(
+        None, description="Entropies behind the loss's signal ht: `rollout_step`: pi_old's, normalised over "
+                                    "every completion token of the step; `micro_batch` (released code): the current "
+                                    "policy's in each micro-batch of the update, normalised within it. None: "
+                                    "from preset.")
+    score_temperature: Optional[Literal["sampled", "base"]] = Field(
+        None, description="With adaptive_temperature: `sampled` scores each token (pi_old, pi_theta, reference, "
+                          "entropies) under the temperature it was sampled at; `base` (released code) under "
+                          "rl.temperature. None: from preset.")
     rho: float = Field(0.8, gt=0, lt=1, description="Quantile of log-entropy that separates high from low entropy.")
     adaptive_temperature: bool = Field(
         False, description="Sample at T * (1 + tau * ht) per token, ht from the previous step's entropy statistics "
                            "(off on the first step).")
-    tau: float = Field(0.1, ge=0, lt=1, description="Adaptive temperature range (paper 0.1, released code 0.05).")
+    tau: Optional[float] = Field(None, ge=0, lt=1, description="Adaptive temperature range (paper 0.1, released code "
+                                                               "0.05). None: from preset.")
     token_level_advantage: bool = Field(
         False, description="Token-level group average advantages (length-weighted group mean and std) instead of GRPO's.")
     advantage_fallback: Optional[float] = Field(
         5.0, gt=0, description="With token_level_advantage, a group where any |A| reaches this uses GRPO advantages "
                                "(the released code's safeguard); None: never.")
+
+    @property
+    def settings(self) -> HapoSettings:
+        """The preset-controlled values, each the recipe's where it sets one, else the preset's. (Resolved here,
+        not at validation, so that `--set method.rl.hapo.preset=released` still changes them: overrides apply
+        to the validated recipe with every field filled in.)"""
+        preset = HAPO_PRESETS[self.preset]
+        chosen = {name: getattr(self, name) for name in ("entropy_sign", "tau", "signal_source", "score_temperature")}
+        return HapoSettings(**{name: preset[name] if value is None else value for name, value in chosen.items()},
+                            loss_defaults=dict(preset["loss"]))
 
 
 class RLConfig(Section):

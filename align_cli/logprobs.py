@@ -48,8 +48,15 @@ def head_weight(head: torch.nn.Module) -> torch.Tensor:
     return weight
 
 
-def _naive_token_logps(hidden, weight, bias, labels, with_entropy: bool):
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+def _tempered(logits: torch.Tensor, temperature) -> torch.Tensor:
+    """`logits / T`, T a float or one value per row (`[M]`, e.g. HAPO's per-token sampling temperatures)."""
+    if isinstance(temperature, torch.Tensor):
+        return logits / temperature.to(logits.device, logits.dtype)[:, None]
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def _naive_token_logps(hidden, weight, bias, labels, with_entropy: bool, temperature=1.0):
+    logits = _tempered(torch.nn.functional.linear(hidden, weight, bias).float(), temperature)
     log_probs = torch.log_softmax(logits, dim=-1)
     token_logps = log_probs.gather(-1, labels[:, None]).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
@@ -58,9 +65,9 @@ def _naive_token_logps(hidden, weight, bias, labels, with_entropy: bool):
 
 @contextlib.contextmanager
 def _head_scores_labels(head: torch.nn.Module, trained: torch.Tensor, labels: torch.Tensor, fused: bool,
-                        with_entropy: bool):
+                        with_entropy: bool, temperature=1.0):
     """While active, `head(hidden [R, T, H])` returns `[1 or 2, M]`: the log-prob of each label at the
-    `trained` positions (and the entropy) instead of `[R, T, V]` logits."""
+    `trained` positions (and the entropy) under `softmax(logits / temperature)` instead of `[R, T, V]` logits."""
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden[trained]
@@ -71,12 +78,18 @@ def _head_scores_labels(head: torch.nn.Module, trained: torch.Tensor, labels: to
         if torch.is_autocast_enabled(hidden.device.type):  # what nn.Linear would compute in
             dtype = torch.get_autocast_dtype(hidden.device.type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
-        if fused:
+        per_row = isinstance(temperature, torch.Tensor)
+        if fused and not (per_row and bias is not None):
             from .kernels import linear_logprobs
 
-            token_logps, entropy = linear_logprobs(hidden, weight, labels, with_entropy=with_entropy, bias=bias)
+            if per_row:  # (h / T) W^T = (h W^T) / T without a bias: the kernel's own temperature is one scalar
+                hidden, kernel_temperature = hidden / temperature.to(hidden.device, hidden.dtype)[:, None], 1.0
+            else:
+                kernel_temperature = temperature
+            token_logps, entropy = linear_logprobs(hidden, weight, labels, with_entropy=with_entropy, bias=bias,
+                                                   temperature=kernel_temperature)
         else:
-            token_logps, entropy = _naive_token_logps(hidden, weight, bias, labels, with_entropy)
+            token_logps, entropy = _naive_token_logps(hidden, weight, bias, labels, with_entropy, temperature)
         scores = [token_logps.float()] + ([entropy.float()] if with_entropy else [])
         return torch.stack(scores)
 
@@ -105,23 +118,27 @@ def _layout(model, batch: SequenceBatch | PackedSequenceBatch):
     return inputs, trained, batch.targets[trained], batch.sequence_index[trained]
 
 
-def _token_logps_from_logits(model, inputs: dict, trained, labels, with_entropy: bool):
+def _token_logps_from_logits(model, inputs: dict, trained, labels, with_entropy: bool, temperature=1.0):
     """Models that transform logits after the head (soft-capping, logit scale): their own full forward."""
     logits = model(**inputs, use_cache=False).logits
-    log_probs = torch.log_softmax(logits[trained].float(), dim=-1)
+    log_probs = torch.log_softmax(_tempered(logits[trained].float(), temperature), dim=-1)
     token_logps = log_probs.gather(-1, labels[:, None]).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
     return token_logps, entropy
 
 
 def sequence_logps(model, batch: SequenceBatch | PackedSequenceBatch, *, fused: bool = True,
-                   with_entropy: bool = False) -> SequenceLogps:
-    """Forward the model over the batch and sum completion-token log-probs per sequence."""
+                   with_entropy: bool = False, temperature: float | torch.Tensor = 1.0) -> SequenceLogps:
+    """Forward the model over the batch and sum completion-token log-probs per sequence.
+
+    Log-probs and entropies are of `softmax(logits / temperature)`: a float, or one value per completion
+    position `[M]` in the row-major order of `token_logps` (online RL scores each token under the temperature
+    it was sampled at)."""
     inputs, trained, labels, sequence = _layout(model, batch)
     if _logit_transform_unsupported(model):
-        token_logps, entropy = _token_logps_from_logits(model, inputs, trained, labels, with_entropy)
+        token_logps, entropy = _token_logps_from_logits(model, inputs, trained, labels, with_entropy, temperature)
     else:
-        with _head_scores_labels(output_head(model), trained, labels, fused, with_entropy):
+        with _head_scores_labels(output_head(model), trained, labels, fused, with_entropy, temperature):
             scores = model(**inputs, use_cache=False).logits
         token_logps, entropy = scores[0], (scores[1] if with_entropy else None)
     sums = torch.zeros(batch.num_sequences, dtype=torch.float32, device=token_logps.device)

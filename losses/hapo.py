@@ -133,14 +133,16 @@ def adaptive_clip_bounds(signal: torch.Tensor, eps_low: float, eps_high: float, 
 def hapo(policy_token_logps, old_token_logps, advantages, completion_mask, token_entropy_signal, loss_mask=None,
          ref_token_logps=None, loss_normaliser=None, *, eps_low: float = 0.2, eps_high: float = 0.28,
          kl_beta: float = 0.0, aggregation: str = "token-mean", redistribution: bool = True, beta_adv: float = 1.0,
-         adaptive_clipping: bool = True, a_c: float = 1.0):
+         adaptive_clipping: bool = True, a_c: float = 1.0, dual_clip: float | None = None):
     """HAPO's loss: DAPO's clipped token-mean objective where each token's clip range comes from
     `adaptive_clip_bounds` (if `adaptive_clipping`) and its advantage from `redistribute_advantages` (if
     `redistribution`), both driven by `token_entropy_signal` (`ht`, from `entropy_signal`).
 
     Liu et al. 2025, "From Uniform to Heterogeneous" (HAPO), section 3. As in the released code, the
     redistribution band uses the adapted clip range when both parts are on. Paper defaults: eps_low 0.2,
-    eps_high 0.28, beta_adv 1, a_c 1.
+    eps_high 0.28, beta_adv 1, a_c 1, no dual clip. The released code (`method.rl.hapo.preset: released`)
+    uses eps_low = eps_high = 0.2 and dual-clip PPO with c = 10 (`dual_clip`, verl's `clip_ratio_c` as set in
+    every released recipe) on the redistributed advantages.
     """
     policy = upcast(policy_token_logps)
     log_ratio = (policy - upcast(old_token_logps)) * completion_mask.to(policy.dtype)
@@ -151,4 +153,4 @@ def hapo(policy_token_logps, old_token_logps, advantages, completion_mask, token
         token_advantage = redistribute_advantages(token_advantage, signal, torch.exp(log_ratio.detach()), low, high,
                                                   beta_adv)
     return policy_loss(log_ratio, token_advantage, low, high, policy, completion_mask, loss_mask, ref_token_logps,
-                       loss_normaliser, kl_beta, aggregation)
+                       loss_normaliser, kl_beta, aggregation, dual_clip)

@@ -103,9 +103,21 @@ def token_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tens
     return advantages[:, None].expand_as(like) if advantages.dim() == 1 else advantages
 
 
+def dual_clipped(token_loss: torch.Tensor, advantages: torch.Tensor, dual_clip: float):
+    """Dual-clip PPO (Ye et al. 2020, arXiv:1912.09729; verl's `clip_ratio_c`): where `A < 0` the per-token loss
+    `max(-r*A, -clip(r)*A)` is capped at `-c*A`, so a ratio far above `1 + eps_high` on a bad token stops
+    growing the loss (and gets no gradient). Returns `(loss, capped)`, `capped` marking the tokens cut."""
+    if dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    cap = -advantages * dual_clip
+    capped = (advantages < 0) & (token_loss.detach() > cap.detach())
+    return torch.where(capped, cap, token_loss), capped
+
+
 def policy_loss(log_ratio, advantages, eps_low, eps_high, policy_token_logps, completion_mask, loss_mask,
-                ref_token_logps, loss_normaliser, kl_beta: float, aggregation: str):
-    """The clipped objective plus `kl_beta * k3`, aggregated; shared by `grpo`, `dapo`, `gspo` and `hapo`."""
+                ref_token_logps, loss_normaliser, kl_beta: float, aggregation: str, dual_clip: float | None = None):
+    """The clipped objective (dual-clipped when `dual_clip` is set) plus `kl_beta * k3`, aggregated; shared by
+    `grpo`, `dapo`, `gspo` and `hapo`."""
     loss_mask = completion_mask if loss_mask is None else loss_mask
     token_loss, clipped_low, clipped_high = clipped_surrogate(log_ratio, advantages, eps_low, eps_high)
     metrics = {
@@ -113,6 +125,9 @@ def policy_loss(log_ratio, advantages, eps_low, eps_high, policy_token_logps, co
         "clip_ratio/high": _masked_mean(clipped_high.to(token_loss.dtype), loss_mask).detach(),
         "ratio": _masked_mean(torch.exp(log_ratio.detach()), loss_mask),
     }
+    if dual_clip is not None:
+        token_loss, capped = dual_clipped(token_loss, advantages, dual_clip)
+        metrics["clip_ratio/dual"] = _masked_mean(capped.to(token_loss.dtype), loss_mask).detach()
     if kl_beta:
         if ref_token_logps is None:
             raise ValueError("kl_beta > 0 needs ref_token_logps")

@@ -96,3 +96,14 @@ def test_linear_schedule():
     m, keep = d3s_schedule(0.375, 4, 8, 20.0, 60.0)  # m = 5.5 rounds half up
     assert m == 6 and math.isclose(keep, 35.0)
     assert d3s_schedule(2.0, 4, 8, 20.0, 60.0) == (8, 60.0)  # progress clamped
+
+
+def test_default_scope_is_the_papers_cross_group_selection():
+    """The paper's D3S selects "across groups" (abstract); D3S-I (within each group) is its variant."""
+    from align_cli.config import D3SConfig
+    from align_cli.recipe import load_recipe
+
+    assert D3SConfig().sample_scope == "batch"
+    recipe, _ = load_recipe("d3s")
+    assert recipe.method.rl.d3s.sample_scope == "batch"
+    assert D3SConfig(sample_scope="group").sample_scope == "group"

@@ -147,3 +147,125 @@ def test_adaptive_temperature_formula_and_logits_processor():
     # a masked (-inf) logit leaves the entropy finite
     masked = torch.tensor([[0.0, float("-inf"), 1.0, 2.0]])
     assert torch.isfinite(processor(torch.zeros(1, 1, dtype=torch.long), masked)[0, [0, 2, 3]]).all()
+
+
+def released_policy_loss(old, new, advantages, mask, entropy, eps_low, eps_high, clip_ratio_c, rho=0.8):
+    """The released code's `compute_policy_loss` with HAPO's parts on (starriver030515/HAPO,
+    verl/trainer/ppo/core_algos.py: compute_entropy_h, ada_clip, ada_advantage, dual-clip, token-mean), written
+    out token by token in float64 from that file."""
+    valid = [(i, t) for i, row in enumerate(mask) for t, m in enumerate(row) if m]
+    log_h = {(i, t): math.log(max(entropy[i][t], 1e-8)) for i, t in valid}
+    ordered = sorted(log_h.values())
+    median = ordered[round(rho * (len(ordered) - 1))]
+    std = math.sqrt(max(sum((v - median) ** 2 for v in log_h.values()) / len(valid), 1e-8))
+    h = {key: (v - median) / std for key, v in log_h.items()}
+    pos_max = max([x for x in h.values() if x > 0] + [0.0], default=0.0)
+    neg_min = min([x for x in h.values() if x < 0] + [0.0], default=0.0)
+    pos_max, neg_min = max(pos_max, 1e-8), min(neg_min, -1e-8)
+    total = 0.0
+    for i, t in valid:
+        h_hat = h[i, t] / pos_max if h[i, t] > 0 else h[i, t] * (1.0 / neg_min)
+        low = eps_low * (1 - h_hat) if h_hat <= 0 else eps_low  # ada_clip, clip_alpha 1
+        high = eps_high * (1 + h_hat) if h_hat > 0 else eps_high
+        ratio = math.exp(new[i][t] - old[i][t])
+        a = advantages[i]
+        inside = 1 - low / 2 < ratio < 1 + high / 2  # ada_advantage, adv_beta 1
+        a_ent = a * (1 + h_hat)
+        a = (a if inside else a_ent) if h_hat > 0 else (a_ent if inside else a)
+        loss1 = max(-a * ratio, -a * min(max(ratio, 1 - low), 1 + high))
+        total += min(-a * clip_ratio_c, loss1) if a < 0 else loss1  # dual-clip on negative advantages
+    return total / len(valid)
+
+
+def test_released_preset_matches_the_released_code():
+    """`hapo` with the released preset's values (eps 0.2 / 0.2, dual clip 10) on the signal of `entropy_signal`
+    with `sign="released_code"` equals the released code's loss; ratios up to e^3 reach the dual clip."""
+    generator = torch.Generator().manual_seed(3)
+    entropies = torch.rand(3, 6, generator=generator, dtype=torch.float64) * 3
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.float64)
+    old = -torch.rand(3, 6, generator=generator, dtype=torch.float64) * 4
+    new = (old + torch.tensor([[0.0, 0.05, -0.15, 3.0, 0.12, 0.0], [2.6, -0.3, 0.08, 0.0, -0.02, 0.3],
+                               [-0.25, 0.15, 2.9, 0.0, 0.0, 0.0]], dtype=torch.float64)).requires_grad_()
+    advantages = torch.tensor([1.3, -0.8, -1.6], dtype=torch.float64)
+    signal, _ = entropy_signal(entropies, mask, 0.8, "released_code")
+    loss, metrics = LOSSES["hapo"](new, old, advantages, mask, signal, eps_low=0.2, eps_high=0.2, dual_clip=10.0)
+    expected = released_policy_loss(old.tolist(), new.tolist(), advantages.tolist(), mask.tolist(), entropies.tolist(),
+                                    0.2, 0.2, 10.0)
+    assert math.isclose(float(loss.detach().mean()), expected, rel_tol=1e-12)
+    assert float(metrics["clip_ratio/dual"]) > 0  # the dual clip did fire
+    without, _ = LOSSES["hapo"](new, old, advantages, mask, signal, eps_low=0.2, eps_high=0.2)
+    assert float(without.detach().mean()) > float(loss.detach().mean()) + 1e-3
+
+
+def test_dual_clip_caps_negative_advantage_tokens():
+    """-A*c caps the loss of a negative-advantage token whose ratio exceeds c (no gradient there); positive
+    advantages and ratios below c are untouched."""
+    log_ratio = torch.log(torch.tensor([[12.0, 2.0, 12.0]], dtype=torch.float64)).requires_grad_()
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    advantages = torch.tensor([[-1.0, -1.0, 1.0]], dtype=torch.float64)
+    loss, _ = LOSSES["dapo"](log_ratio, old, advantages, torch.ones(1, 3), aggregation="token-mean")
+    capped, metrics = LOSSES["hapo"](log_ratio, old, advantages, torch.ones(1, 3), torch.zeros(1, 3),
+                                     eps_high=0.28, dual_clip=10.0)
+    # per token: min(-A*c, max(-A*r, -A*clip(r))): 10 (capped from 12), 2, -1.28 (clipped at 1 + 0.28)
+    assert math.isclose(float(capped.detach().mean()), (10.0 + 2.0 - 1.28) / 3, rel_tol=1e-12)
+    assert math.isclose(float(loss.detach().mean()), (12.0 + 2.0 - 1.28) / 3, rel_tol=1e-12)
+    (gradient,) = torch.autograd.grad(capped.sum(), log_ratio)
+    assert gradient[0, 0] == 0 and gradient[0, 1] != 0
+    assert math.isclose(float(metrics["clip_ratio/dual"]), 1 / 3, rel_tol=1e-12)
+
+
+def test_presets_fill_what_the_recipe_leaves_out(tmp_path):
+    from align_cli.recipe import load_recipe
+    from align_cli.rl.trainer import loss_settings
+
+    paper, _ = load_recipe("hapo")
+    released, _ = load_recipe("hapo", ["method.rl.hapo.preset=released"])
+    mixed, _ = load_recipe("hapo", ["method.rl.hapo.preset=released", "method.rl.hapo.tau=0.2",
+                                    "method.losses.0.eps_high=0.28"])
+    assert paper.method.rl.hapo.preset == "paper"  # the shipped recipe's default
+    settings = paper.method.rl.hapo.settings
+    assert (settings.entropy_sign, settings.tau, settings.signal_source, settings.score_temperature) == (
+        "paper", 0.1, "rollout_step", "sampled")
+    settings = released.method.rl.hapo.settings
+    assert (settings.entropy_sign, settings.tau, settings.signal_source, settings.score_temperature) == (
+        "released_code", 0.05, "micro_batch", "base")
+    params = {name: loss_settings(recipe)[2] for name, recipe in
+              (("paper", paper), ("released", released), ("mixed", mixed))}
+    assert [params["paper"][k] for k in ("eps_low", "eps_high", "dual_clip")] == [0.2, 0.28, None]
+    assert [params["released"][k] for k in ("eps_low", "eps_high", "dual_clip")] == [0.2, 0.2, 10.0]
+    assert params["mixed"]["eps_high"] == 0.28 and mixed.method.rl.hapo.settings.tau == 0.2  # the recipe wins
+    assert mixed.method.rl.hapo.settings.entropy_sign == "released_code"
+
+
+def test_micro_batch_signal_comes_from_the_current_policy(tiny_model_dir):
+    """`signal_source: micro_batch`: each micro-batch's ht is `entropy_signal` of the current policy's entropies
+    over that micro-batch's completion tokens, not the step-level signal stored in the batch."""
+    from transformers import AutoModelForCausalLM
+
+    from align_cli.rl.rollout import Rollouts, completion_mask, score
+    from align_cli.rl.update import TrainBatch, micro_batch_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    completions = [[11, 300, 25, 8, 64], [90, 2, 150], [40, 41, 42, 43]]
+    rollouts = Rollouts([[5, 17, 42], [7, 3], [9]], completions, [""] * 3, torch.zeros(3, dtype=torch.bool),
+                        torch.zeros(3, dtype=torch.long), [{}] * 3)
+    mask = completion_mask(rollouts.lengths)
+    old = -11.0 + 0.3 * torch.rand(mask.shape, generator=torch.Generator().manual_seed(0))
+    stale = torch.ones_like(mask)  # a step-level signal that must not be used
+    advantages = torch.tensor([1.0, -0.5, -1.2])
+    batch = TrainBatch(rollouts, advantages, mask, mask, old, None, stale, temperature=0.7,
+                       micro_batch_signal=(0.8, "released_code"))
+    params = {"eps_low": 0.2, "eps_high": 0.2, "dual_clip": 10.0}
+    indices = torch.tensor([0, 2])
+    loss, _ = micro_batch_loss(model, batch, indices, LOSSES["hapo"], params, None, 0, True)
+    part = rollouts.select(indices)
+    with torch.no_grad():
+        logps, entropy = score(model, part, 0, fused=False, with_entropy=True, temperature=0.7)
+    part_mask = mask[indices][:, : logps.shape[1]]
+    signal, _ = entropy_signal(entropy, part_mask, 0.8, "released_code")
+    expected, _ = LOSSES["hapo"](logps, old[indices][:, : logps.shape[1]], advantages[indices], part_mask, signal,
+                                 **params)
+    assert math.isclose(float(loss.detach()), float(expected.mean()), rel_tol=1e-5)
+    stale_loss, _ = LOSSES["hapo"](logps, old[indices][:, : logps.shape[1]], advantages[indices], part_mask,
+                                   stale[indices][:, : logps.shape[1]], **params)
+    assert not math.isclose(float(loss.detach()), float(stale_loss.mean()), rel_tol=1e-3)

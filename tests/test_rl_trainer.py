@@ -199,7 +199,7 @@ def test_recipe_validation_of_rl_settings(tmp_path):
     with pytest.raises(ValueError, match="must not exceed"):
         Recipe.model_validate({"method": {"name": "grpo", "rl": {"num_generations": 4, "d3s": {"enabled": True}}}})
     recipe = Recipe.model_validate({"method": {"name": "grpo"}})
-    assert recipe.method.losses[0].name == "grpo" and recipe.method.rl.hapo.entropy_sign == "paper"
+    assert recipe.method.losses[0].name == "grpo" and recipe.method.rl.hapo.settings.entropy_sign == "paper"
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"method": {"name": "grpo", "losses": [{"name": "gspo", "eps_hgh": 0.1}]}}))
     with pytest.raises(UserError, match="eps_high"):

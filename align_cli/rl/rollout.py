@@ -27,6 +27,10 @@ class Rollouts:
     truncated: torch.Tensor   # [N] bool
     group: torch.Tensor       # [N] long
     rows: list[dict]          # the data row of each completion's prompt
+    # With HAPO's adaptive temperature (`AdaptiveTemperature` recording), per completion token: the temperature
+    # it was sampled at, and the entropy of the untempered distribution there. None: one temperature for all.
+    temperatures: list[list[float]] | None = None
+    sampling_entropies: list[list[float]] | None = None
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -37,9 +41,13 @@ class Rollouts:
 
     def select(self, indices) -> Rollouts:
         indices = [int(i) for i in indices]
+
+        def pick(values):
+            return None if values is None else [values[i] for i in indices]
+
         return Rollouts([self.prompt_ids[i] for i in indices], [self.completion_ids[i] for i in indices],
                         [self.texts[i] for i in indices], self.truncated[indices], self.group[indices],
-                        [self.rows[i] for i in indices])
+                        [self.rows[i] for i in indices], pick(self.temperatures), pick(self.sampling_entropies))
 
     @staticmethod
     def concatenate(parts: list[Rollouts]) -> Rollouts:
@@ -48,9 +56,14 @@ class Rollouts:
         for part in parts:
             groups.append(part.group + offset)
             offset += int(part.group.max()) + 1 if len(part) else 0
+        def joined(name):
+            values = [getattr(r, name) for r in parts]
+            return None if any(v is None for v in values) else [x for v in values for x in v]
+
         return Rollouts([p for r in parts for p in r.prompt_ids], [c for r in parts for c in r.completion_ids],
                         [t for r in parts for t in r.texts], torch.cat([r.truncated for r in parts]),
-                        torch.cat(groups), [row for r in parts for row in r.rows])
+                        torch.cat(groups), [row for r in parts for row in r.rows], joined("temperatures"),
+                        joined("sampling_entropies"))
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
@@ -85,6 +98,8 @@ def generate_rollouts(model, tokenizer, rows: list[dict], num_generations: int, 
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     prompt_ids, completion_ids, truncated = [], [], []
+    temperatures, sampling_entropies = [], []  # filled when the processor records them (HAPO)
+    records = hasattr(logits_processor, "take_records")
     try:
         for start in range(0, len(texts), batch_size):
             encoded = tokenizer(texts[start: start + batch_size], return_tensors="pt", padding=True,
@@ -96,6 +111,7 @@ def generate_rollouts(model, tokenizer, rows: list[dict], num_generations: int, 
                 logits_processor=LogitsProcessorList([logits_processor] if logits_processor is not None else []),
             )
             width = encoded["input_ids"].shape[1]
+            factors, entropies = logits_processor.take_records() if records else (None, None)
             for index, sequence in enumerate(generated.tolist()):
                 prompt_row = index // num_generations
                 mask = encoded["attention_mask"][prompt_row].bool()
@@ -103,6 +119,9 @@ def generate_rollouts(model, tokenizer, rows: list[dict], num_generations: int, 
                 completion, cut_short = _cut(sequence[width:], stops)
                 completion_ids.append(completion)
                 truncated.append(cut_short)
+                if records:  # generate's own warper divides by `temperature` after the processor's factor
+                    temperatures.append((factors[index, : len(completion)] * temperature).tolist())
+                    sampling_entropies.append(entropies[index, : len(completion)].tolist())
     finally:
         tokenizer.padding_side = padding_side
         policy.train(was_training)
@@ -111,6 +130,7 @@ def generate_rollouts(model, tokenizer, rows: list[dict], num_generations: int, 
         torch.tensor(truncated, dtype=torch.bool),
         torch.arange(len(rows)).repeat_interleave(num_generations),
         [row for row in rows for _ in range(num_generations)],
+        temperatures if records else None, sampling_entropies if records else None,
     )
 
 
@@ -127,11 +147,27 @@ def to_padded(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return padded.masked_scatter(mask, flat)
 
 
-def score(model, rollouts: Rollouts, pad_id: int, *, fused: bool, with_entropy: bool):
+def scoring_temperature(rollouts: Rollouts, temperature: float, per_token: bool = True) -> float | torch.Tensor:
+    """The temperature each completion token is scored at: the one it was sampled at, `[sum(lengths)]` in
+    row-major order, when the rollouts recorded per-token temperatures (HAPO's adaptive temperature) and
+    `per_token`; otherwise the sampling temperature `temperature` for every token."""
+    if per_token and rollouts.temperatures is not None:
+        return torch.tensor([t for row in rollouts.temperatures for t in row], dtype=torch.float32)
+    return float(temperature)
+
+
+def score(model, rollouts: Rollouts, pad_id: int, *, fused: bool, with_entropy: bool, temperature: float,
+          per_token_temperature: bool = True):
     """Per-token log-probs `[B, T]` (and entropies, or None) of the completions under `model`; with grad if
-    grad mode is on. Only completion positions reach the LM head (`sequence_logps`)."""
+    grad mode is on. Only completion positions reach the LM head (`sequence_logps`).
+
+    Both are of the distribution the tokens were sampled from, `softmax(z / T)` (as TRL and verl score):
+    `T = temperature`, the rollout's sampling temperature, or, where the rollouts recorded one per token
+    (HAPO's adaptive temperature) and `per_token_temperature`, each token's own `T_base * (1 + tau * ht)`.
+    Top-p truncation is not undone (nor is it in TRL or verl)."""
     batch = pad_sequences(rollouts.prompt_ids, rollouts.completion_ids, pad_id).to(next(model.parameters()).device)
-    scored = sequence_logps(model, batch, fused=fused, with_entropy=with_entropy)
+    scored = sequence_logps(model, batch, fused=fused, with_entropy=with_entropy,
+                            temperature=scoring_temperature(rollouts, temperature, per_token_temperature))
     lengths = rollouts.lengths.to(scored.token_logps.device)
     logps = to_padded(scored.token_logps, lengths)
     entropy = to_padded(scored.token_entropy.float(), lengths) if with_entropy else None
@@ -140,7 +176,7 @@ def score(model, rollouts: Rollouts, pad_id: int, *, fused: bool, with_entropy: 
 
 @torch.no_grad()
 def score_in_chunks(model, rollouts: Rollouts, pad_id: int, batch_size: int, *, fused: bool, with_entropy: bool,
-                    context=None):
+                    temperature: float, context=None, per_token_temperature: bool = True):
     """`score` without grad over micro-batches of `batch_size`, padded to the longest completion."""
     import contextlib
 
@@ -149,7 +185,8 @@ def score_in_chunks(model, rollouts: Rollouts, pad_id: int, batch_size: int, *, 
     with (context() if context is not None else contextlib.nullcontext()):
         for start in range(0, len(rollouts), batch_size):
             part = rollouts.select(range(start, min(start + batch_size, len(rollouts))))
-            chunk_logps, chunk_entropy = score(model, part, pad_id, fused=fused, with_entropy=with_entropy)
+            chunk_logps, chunk_entropy = score(model, part, pad_id, fused=fused, with_entropy=with_entropy,
+                                               temperature=temperature, per_token_temperature=per_token_temperature)
             pad = width - chunk_logps.shape[1]
             logps.append(torch.nn.functional.pad(chunk_logps, (0, pad)))
             if with_entropy:

@@ -46,7 +46,7 @@ from .advantages import Selection, advantages_of, d3s_selection, informative_gro
 from .data import PromptOrder, load_prompt_rows
 from .rewards import WeightedRewards, overlong_penalty
 from .rollout import Rollouts, completion_mask, generate_rollouts, score_in_chunks
-from .temperature import AdaptiveTemperature
+from .temperature import AdaptiveTemperature, sampling_statistics
 from .update import TrainBatch, optimise
 
 
@@ -78,9 +78,13 @@ def loss_settings(recipe: Recipe) -> tuple[str, Callable, dict, str]:
     """The policy loss term: name, function, hyperparameters (recipe over defaults), aggregation."""
     term = recipe.method.losses[0]
     function = LOSSES[term.name]
-    params = {**hyperparameters(function), **term.params}
+    preset = recipe.method.rl.hapo.settings.loss_defaults if term.name == "hapo" else {}  # method.rl.hapo.preset
+    params = {**hyperparameters(function), **preset, **term.params}
     if params["aggregation"] not in AGGREGATIONS:
         raise UserError(f"method.losses[0].aggregation: '{params['aggregation']}' is not one of {', '.join(AGGREGATIONS)}.")
+    if params.get("dual_clip") is not None and not params["dual_clip"] > 1:
+        raise UserError(f"method.losses[0].dual_clip: {params['dual_clip']} must be > 1 (dual-clip PPO's cap c on "
+                        f"-A*r for negative advantages; null turns it off).")
     return term.name, function, params, params["aggregation"]
 
 
@@ -155,6 +159,7 @@ def build_train_batch(model, run: RunInputs, rollouts: Rollouts, group_rewards: 
     recipe, rl = run.recipe, run.recipe.method.rl
     training, hapo, d3s = recipe.training, rl.hapo, rl.d3s
     pad_id = run.tokenizer.pad_token_id
+    per_token = hapo.settings.score_temperature == "sampled"  # scoring temperature: see align_cli.rl.rollout.score
     lengths = rollouts.lengths
     advantages = advantages_of(group_rewards, lengths.view(group_rewards.shape).float(), hapo.token_level_advantage,
                                hapo.advantage_fallback)
@@ -162,14 +167,17 @@ def build_train_batch(model, run: RunInputs, rollouts: Rollouts, group_rewards: 
     old_logps = entropy = None
     if needs_old_pass or needs_entropy:
         old_logps, entropy = score_in_chunks(model, rollouts, pad_id, training.batch_size,
-                                             fused=training.fused_logprobs, with_entropy=needs_entropy)
+                                             fused=training.fused_logprobs, with_entropy=needs_entropy,
+                                             temperature=rl.temperature, per_token_temperature=per_token)
         old_logps, entropy = old_logps.cpu(), (entropy.cpu() if entropy is not None else None)
     metrics = {"advantage/abs_mean": float(advantages.abs().mean())}
     signal = None
     if entropy is not None:
         metrics["entropy/mean"] = float((entropy * mask).sum() / mask.sum())
-        signal, stats = entropy_signal(entropy, mask, hapo.rho, hapo.entropy_sign)
+        signal, stats = entropy_signal(entropy, mask, hapo.rho, hapo.settings.entropy_sign)
         state["entropy_stats"] = stats.as_dict()  # the next step's adaptive temperature reads these
+    if rollouts.sampling_entropies is not None:  # recorded while sampling: what the adaptive temperature measures
+        state["entropy_stats"] = sampling_statistics(rollouts.sampling_entropies, hapo.rho).as_dict()
     selection = Selection(torch.arange(len(rollouts)), None)
     if d3s.enabled:
         m, keep_percent = d3s_schedule(progress, d3s.m_init, d3s.m_final, d3s.keep_init, d3s.keep_final)
@@ -188,12 +196,16 @@ def build_train_batch(model, run: RunInputs, rollouts: Rollouts, group_rewards: 
     ref_logps = None
     if run.reference_model is not None:
         ref_logps, _ = score_in_chunks(run.reference_model, trained, pad_id, training.batch_size,
-                                       fused=training.fused_logprobs, with_entropy=False, context=run.reference_context)
+                                       fused=training.fused_logprobs, with_entropy=False, context=run.reference_context,
+                                       temperature=rl.temperature, per_token_temperature=per_token)
         ref_logps = ref_logps.cpu()
     metrics["loss_tokens"] = float(loss_mask.sum())
     batch = TrainBatch(trained, advantages.reshape(-1)[kept].float(), mask[kept], loss_mask,
                        old_logps[kept] if old_logps is not None else None, ref_logps,
-                       signal[kept] if signal_to_loss else None)
+                       signal[kept] if signal_to_loss else None, temperature=rl.temperature,
+                       per_token_temperature=per_token,
+                       micro_batch_signal=(hapo.rho, hapo.settings.entropy_sign)
+                       if signal_to_loss and hapo.settings.signal_source == "micro_batch" else None)
     return batch, metrics
 
 
@@ -213,7 +225,7 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
     run = prepare_rl_run(recipe, recipe_path, output_dir, resume, overwrite, needs_reference=params["kl_beta"] > 0)
     accelerator = run.accelerator
     rewards = WeightedRewards(rl.rewards)
-    needs_entropy = rl.d3s.enabled or loss_name == "hapo" or rl.hapo.adaptive_temperature
+    needs_entropy = rl.d3s.enabled or loss_name == "hapo"  # adaptive temperature: recorded while sampling
     updates_per_step = rl.passes * rl.mini_batches
     order = PromptOrder(len(run.train_data), training.seed, accelerator.num_processes, accelerator.process_index)
     steps = total_steps(recipe, len(run.train_data), accelerator.num_processes)
@@ -263,12 +275,12 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
                 step_started = time.time()
                 state["step"] += 1
                 processor = None
-                if rl.hapo.adaptive_temperature and state["entropy_stats"] is not None:
-                    processor = AdaptiveTemperature(EntropyStats(**state["entropy_stats"]), rl.hapo.tau,
-                                                    rl.hapo.entropy_sign)
+                if rl.hapo.adaptive_temperature:  # step 1 (no statistics yet): factor 1, records temperatures
+                    stats = EntropyStats(**state["entropy_stats"]) if state["entropy_stats"] is not None else None
+                    processor = AdaptiveTemperature(stats, rl.hapo.settings.tau, rl.hapo.settings.entropy_sign)
                 rollouts, group_rewards, metrics = collect_rollouts(model, run, order, state, rewards, processor,
                                                                     accelerator.num_processes)
-                if processor is not None:
+                if processor is not None and processor.stats is not None:
                     metrics["hapo/temperature_factor"] = processor.mean_factor
                 generated = time.time()
                 progress_fraction = (state["step"] - 1) / max(1, steps - 1)

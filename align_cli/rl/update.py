@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..losses.hapo import entropy_signal
 from .rollout import Rollouts, score
 
 
@@ -23,6 +24,13 @@ class TrainBatch:
     old_logps: torch.Tensor | None       # [N, T]; None: pi_old is the current policy (one update per step)
     ref_logps: torch.Tensor | None       # [N, T] for the KL term
     entropy_signal: torch.Tensor | None  # [N, T] HAPO's ht
+    # What the rollouts were sampled at (rl.temperature); the policy is scored under the same distribution, per
+    # token where the rollouts recorded per-token temperatures and `per_token_temperature`.
+    temperature: float = 1.0
+    per_token_temperature: bool = True
+    # HAPO's released code: recompute ht per micro-batch from the current policy's entropies, with (rho, sign);
+    # None: use `entropy_signal`.
+    micro_batch_signal: tuple[float, str] | None = None
 
     def __len__(self) -> int:
         return len(self.rollouts)
@@ -40,7 +48,10 @@ def micro_batch_loss(model, batch: TrainBatch, indices: torch.Tensor, loss_funct
                      normaliser, pad_id: int, fused: bool):
     """The loss of one micro-batch (its share of the optimiser step's loss) and the loss's metrics."""
     part = batch.rollouts.select(indices)
-    policy_logps, _ = score(model, part, pad_id, fused=fused, with_entropy=False)
+    policy_logps, policy_entropy = score(model, part, pad_id, fused=fused,
+                                         with_entropy=batch.micro_batch_signal is not None,
+                                         temperature=batch.temperature,
+                                         per_token_temperature=batch.per_token_temperature)
     device = policy_logps.device
     width = policy_logps.shape[1]
 
@@ -57,7 +68,12 @@ def micro_batch_loss(model, batch: TrainBatch, indices: torch.Tensor, loss_funct
     }
     if batch.ref_logps is not None:
         inputs["ref_token_logps"] = rows(batch.ref_logps)
-    if batch.entropy_signal is not None:
+    if batch.micro_batch_signal is not None:
+        # As verl's compute_policy_loss (HAPO's released code): statistics over every completion token of the
+        # micro-batch, from the current policy's entropies, without gradient.
+        rho, sign = batch.micro_batch_signal
+        inputs["token_entropy_signal"], _ = entropy_signal(policy_entropy.detach(), inputs["completion_mask"], rho, sign)
+    elif batch.entropy_signal is not None:
         inputs["token_entropy_signal"] = rows(batch.entropy_signal)
     per_sequence, metrics = loss_function(**inputs, **params)
     return per_sequence.mean(), metrics
