@@ -162,6 +162,21 @@ def test_online_run_end_to_end(rl_recipe, tmp_path, monkeypatch, capsys):
     assert (run_dir / "final_model" / "config.json").exists()
 
 
+def test_hapo_released_preset_runs(rl_recipe, tmp_path, monkeypatch, capsys):
+    """The `released` preset end to end: its loss values reach the loss (dual clip logged), the signal is
+    recomputed per micro-batch from the current policy, tokens are scored at the base temperature."""
+    monkeypatch.chdir(tmp_path)
+    path = rl_recipe(loss="hapo", passes=2, temperature=0.7,
+                     hapo={"preset": "released", "adaptive_temperature": True, "token_level_advantage": True})
+    code, _, err = align(monkeypatch, capsys, "train", str(path), "--set", "output.save_final_model=false")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {k: summary["loss"][k] for k in ("eps_low", "eps_high", "dual_clip")} == {
+        "eps_low": 0.2, "eps_high": 0.2, "dual_clip": 10.0}
+    train = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("clip_ratio/dual" in r for r in train if r["split"] == "train")
+
+
 def test_resume_matches_uninterrupted(rl_recipe, tmp_path, monkeypatch):
     """GSPO with LoRA, D^3S and a KL term whose reference is the adapter-disabled policy, stopped after step 1
     and resumed: the final weights equal an uninterrupted run's."""
