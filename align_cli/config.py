@@ -333,8 +333,10 @@ class ApoConfig(SamplingConfig):
     prompts_per_iteration: int = Field(64, ge=1, description="Prompts sampled per iteration: iteration t takes the t-th "
                                                             "block of data.train (fresh prompts, wrapping around).")
     alpha: float = Field(0.3, ge=0, description="Momentum: the anchor of iteration t+1 is (1+alpha)*logp(pihat_t) - "
-                                                "alpha*logp(pihat_{t-1}), computed exactly from the two checkpoints. "
-                                                "0: plain iterative DPO.")
+                                                "alpha*logp(pihat_{t-1}) - log Z(x), from the two checkpoints; log Z "
+                                                "cancels in margin losses (dpo, cdpo, rdpo, hinge) and is estimated "
+                                                "from the samples for the others (sppo, ipo, fdpo), which then need "
+                                                "sample_from: policy, temperature 1, top_p 1. 0: plain iterative DPO.")
     sample_from: Literal["extrapolated_logits", "extrapolated_weights", "policy"] = Field(
         "extrapolated_logits", description="Which policy samples iteration t+1's responses: per-token logits "
                                            "(1+alpha)*z_t - alpha*z_{t-1} (both checkpoints run while decoding), the "
