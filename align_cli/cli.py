@@ -33,6 +33,11 @@ def train(
     output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Run directory (default: output.dir of the recipe)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output directory from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished or partial run in the output directory."),
+    allow_recipe_change: bool = typer.Option(
+        False, "--allow-recipe-change", help="With --resume: accept a recipe that differs from the run's recipe.yaml in "
+                                             "keys that change the training (refused otherwise; logging.*, output.*, "
+                                             "checkpointing.every/keep_last, evaluation.batch_size, data.num_proc and, "
+                                             "with a constant schedule, training.max_steps may always change)."),
     accelerate_config: Optional[str] = typer.Option(
         None, "--accelerate-config", help="Relaunch through `accelerate launch` with this config: a shipped one (ddp, fsdp2, "
                                           "zero2, zero3, zero3_offload, multi_node; recipes/accelerate/) or a file."),
@@ -52,7 +57,7 @@ def train(
 
         argv = ["train", recipe, *[part for item in set_ for part in ("--set", item)],
                 *(["--output-dir", output_dir] if output_dir else []), *(["--resume"] if resume else []),
-                *(["--overwrite"] if overwrite else [])]
+                *(["--overwrite"] if overwrite else []), *(["--allow-recipe-change"] if allow_recipe_change else [])]
         raise typer.Exit(relaunch(accelerate_config, num_processes, argv))
     if loaded.method.name == "grpo":  # online RL has its own loop
         from .rl.trainer import train_rl as run_training
@@ -61,7 +66,7 @@ def train(
 
         run_training = METHODS[loaded.method.name]
     try:
-        summary = run_training(loaded, path, output_dir, resume, overwrite)
+        summary = run_training(loaded, path, output_dir, resume, overwrite, allow_recipe_change=allow_recipe_change)
     except Interrupted as stop:
         _echo_err(f"Interrupted at step {stop.step}; checkpoint saved in {stop.checkpoint}. "
                   f"Continue with: align train {recipe} --resume" + (f" --output-dir {output_dir}" if output_dir else ""))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -13,13 +12,14 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import list_checkpoints
+from .checkpoint import remove_tree
 from .config import DataSource, Recipe
 from .data.preference import TokenisationSettings, normalise_rows, tokenise_preferences
 from .data.sources import load_source
 from .distributed import merge_lora_state_dict, shards_parameters
 from .errors import UserError
 from .models import apply_lora, freeze, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_location, unwrap
+from .run_dir import begin_writing, resolve_run_dir
 from .throughput import check_settings, compile_layers, model_config_for
 
 
@@ -58,27 +58,10 @@ class RunInputs:
                     state_dict = None
             inner.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
-            if target.exists():
-                shutil.rmtree(target)
+            remove_tree(target)
             os.replace(staging, target)
         accelerator.wait_for_everyone()
         return target
-
-
-def resolve_run_dir(recipe: Recipe, recipe_path: Path | None, output_dir: str | None, resume: bool, overwrite: bool) -> Path:
-    stem = recipe_path.stem if recipe_path else "run"
-    run_dir = Path(output_dir or recipe.output.dir.format(recipe=stem))
-    has_run = run_dir.exists() and (list_checkpoints(run_dir) or (run_dir / "summary.json").exists()
-                                    or (run_dir / "metrics.jsonl").exists())
-    if has_run and not resume and not overwrite:
-        raise UserError(f"Output directory '{run_dir}' already holds a run. Pass --resume to continue it, "
-                        f"--overwrite to replace it, or --output-dir to write elsewhere.")
-    if resume and not list_checkpoints(run_dir):
-        raise UserError(f"--resume: '{run_dir}' has no checkpoint to resume from. Run without --resume to start.")
-    if overwrite and has_run and not resume:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def make_accelerator(recipe: Recipe):
@@ -137,24 +120,27 @@ def load_task_rows(recipe: Recipe) -> list[dict]:
     return [dataset[i] for i in range(min(evaluation.num_prompts, len(dataset)))]
 
 
-def start_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None, resume: bool, overwrite: bool):
-    """What every trainer does first: threads, the run directory with its resolved recipe, the
-    Accelerator, the seed and the tokenizer."""
+def start_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None, resume: bool, overwrite: bool,
+              allow_recipe_change: bool = False):
+    """What every trainer does first: threads, the run directory (locked; see `run_dir`), the Accelerator,
+    the seed and the tokenizer. The trainer calls `run_dir.begin_writing` once its inputs are loaded: only then
+    is an --overwrite's old run moved aside and recipe.yaml written."""
     from accelerate.utils import set_seed
 
     if recipe.training.threads:
         torch.set_num_threads(recipe.training.threads)
-    run_dir = resolve_run_dir(recipe, recipe_path, output_dir, resume, overwrite)
-    (run_dir / "recipe.yaml").write_text(_recipe_yaml(recipe))
+    run_dir = resolve_run_dir(recipe, recipe_path, output_dir, resume, overwrite, allow_recipe_change)
     accelerator = make_accelerator(recipe)
     set_seed(recipe.training.seed)
     return run_dir, accelerator, load_tokenizer(recipe.model, recipe.data.chat_template)
 
 
 def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None, resume: bool, overwrite: bool,
-                needs_reference: bool = True, groups: list[str] | None = None) -> RunInputs:
+                needs_reference: bool = True, groups: list[str] | None = None,
+                allow_recipe_change: bool = False) -> RunInputs:
     """`groups`: the sequence groups the losses need (Objective.policy_groups); only their columns are tokenised."""
-    run_dir, accelerator, tokenizer = start_run(recipe, recipe_path, output_dir, resume, overwrite)
+    run_dir, accelerator, tokenizer = start_run(recipe, recipe_path, output_dir, resume, overwrite,
+                                                allow_recipe_change)
     settings = TokenisationSettings.from_recipe(recipe, groups or ("chosen", "rejected"))
     with accelerator.main_process_first():
         train_data, eval_data, report = load_data(recipe, tokenizer, settings)
@@ -178,12 +164,8 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
             compile_layers(reference_model)
         if not shards_parameters(accelerator):  # else sharded after the policy (distributed.prepare_reference)
             reference_model.to(accelerator.device)
-    return RunInputs(recipe, run_dir, accelerator, tokenizer, settings, train_data, eval_data, report, policy,
-                     reference_model, context, resolve_model_location(reference_name or recipe.model.name), dtype,
-                     load_task_rows(recipe))
-
-
-def _recipe_yaml(recipe: Recipe) -> str:
-    import yaml
-
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    run = RunInputs(recipe, run_dir, accelerator, tokenizer, settings, train_data, eval_data, report, policy,
+                    reference_model, context, resolve_model_location(reference_name or recipe.model.name), dtype,
+                    load_task_rows(recipe))
+    begin_writing(run_dir)  # everything loaded: an --overwrite's old run moves aside only now
+    return run

@@ -27,6 +27,7 @@ from .logprobs import sequence_logps
 from .metrics import MetricsLog, progress_bar
 from .objective import Objective
 from .reference import CachedReference, LiveReference, cache_key, cached_or_computed, model_identity
+from .run_dir import holds_run_directory
 from .run_setup import RunInputs, prepare_run
 from .throughput import collate_for, data_order
 
@@ -157,14 +158,17 @@ def _measure(run: RunInputs, model, objective, reference) -> dict:
     return results
 
 
+@holds_run_directory  # the run directory's lock and an --overwrite's old run, released / settled on exit
 def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | None = None, resume: bool = False,
-          overwrite: bool = False, on_step_end: Callable[[int], None] | None = None, reference_logps=None) -> dict:
+          overwrite: bool = False, on_step_end: Callable[[int], None] | None = None, reference_logps=None,
+          allow_recipe_change: bool = False) -> dict:
     """Run the recipe; return the run summary (also written to `summary.json`). `reference_logps`: see
-    `build_reference` (iterative methods pass their anchor's log-probs; no reference model is loaded)."""
+    `build_reference` (iterative methods pass their anchor's log-probs; no reference model is loaded).
+    `allow_recipe_change`: resume even when the recipe changed in keys that alter the training (`run_dir`)."""
     objective = Objective(recipe.method.losses)
     run = prepare_run(recipe, recipe_path, output_dir, resume, overwrite,
                       objective.needs_reference and reference_logps is None,
-                      objective.policy_groups)
+                      objective.policy_groups, allow_recipe_change)
     accelerator, training = run.accelerator, recipe.training
     order = data_order(training, run.train_data, objective.policy_groups, accelerator.num_processes,
                        accelerator.process_index)

@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..extrapolation import AnchorLogps, NormaliserSamples, anchor_terms, needs_normalised_anchor
 from ..generation import SamplingSettings
 from ..rankers import make_ranker, win_probabilities
+from ..run_dir import holds_run_directory
 from ..run_setup import load_task_rows
 from ..sampling import Sampler
 from . import loop
@@ -112,12 +113,13 @@ def generate_and_rank(recipe: Recipe, config, folder: Path, rows: list[dict], sa
     return samples, [row["scores"] for row in rankings], info
 
 
+@holds_run_directory  # the lock on the run directory, released on exit
 def run_apo(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | None = None, resume: bool = False,
-            overwrite: bool = False, on_step_end=None) -> dict:
+            overwrite: bool = False, on_step_end=None, allow_recipe_change: bool = False) -> dict:
     config = recipe.method.apo
     loop.require_reference_loss(recipe)
     require_estimable_normaliser(recipe)
-    run_dir = loop.open_run_dir(recipe, recipe_path, output_dir, resume, overwrite)
+    run_dir = loop.open_run_dir(recipe, recipe_path, output_dir, resume, overwrite, allow_recipe_change)
     loop.set_threads(recipe)
     started = time.time()
     prompts = train_prompt_rows(recipe)
@@ -166,7 +168,8 @@ def run_apo(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | N
             "model.name": current, "reference.name": None, "method.name": "dpo",
             "data.train": {"source": str(folder / "pairs.jsonl"), "split": "train"},
             "evaluation.task": None, "output.save_final_model": True, "output.dir": str(folder / "train")})
-        summary = loop.train_stage(stage_recipe, folder / "train", reference_logps=anchor, on_step_end=on_step_end)
+        summary = loop.train_stage(stage_recipe, folder / "train", reference_logps=anchor, on_step_end=on_step_end,
+                                   allow_recipe_change=allow_recipe_change)
         history.append(summary["final_model_dir"])
         evaluation = loop.json_phase(folder / "evaluation.json",
                                      lambda: loop.task_evaluation(history[-1], recipe, eval_rows))

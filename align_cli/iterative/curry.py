@@ -30,6 +30,7 @@ from ..data.sources import load_source, train_prompt_rows
 from ..errors import UserError
 from ..generation import SamplingSettings
 from ..rankers import make_ranker
+from ..run_dir import holds_run_directory
 from ..run_setup import load_task_rows
 from ..sampling import Sampler
 from . import loop
@@ -125,11 +126,12 @@ def _stage_row(stage: int, pairs: list[dict], summary: dict, evaluation: dict, s
             "answer_accuracy_lenient": evaluation.get("answer_accuracy_lenient"), **seconds}
 
 
+@holds_run_directory  # the lock on the run directory, released on exit
 def run_curry(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | None = None, resume: bool = False,
-              overwrite: bool = False, on_step_end=None) -> dict:
+              overwrite: bool = False, on_step_end=None, allow_recipe_change: bool = False) -> dict:
     config = recipe.method.curry_dpo
     loop.require_reference_loss(recipe)
-    run_dir = loop.open_run_dir(recipe, recipe_path, output_dir, resume, overwrite)
+    run_dir = loop.open_run_dir(recipe, recipe_path, output_dir, resume, overwrite, allow_recipe_change)
     loop.set_threads(recipe)
     started = time.time()
     rated = loop.phase(run_dir / "rated.jsonl",
@@ -164,7 +166,8 @@ def run_curry(recipe: Recipe, recipe_path: Path | None = None, output_dir: str |
             changes["reference.name"] = None  # None: the stage's starting model, i.e. stage k-1's model, is its reference
         if config.variant == "single_stage":
             changes["training.shuffle"] = False  # the curriculum order is the data order
-        summary = loop.train_stage(loop.derive_recipe(recipe, changes), folder / "train", on_step_end=on_step_end)
+        summary = loop.train_stage(loop.derive_recipe(recipe, changes), folder / "train", on_step_end=on_step_end,
+                                   allow_recipe_change=allow_recipe_change)
         current = summary["final_model_dir"]
         evaluation = loop.json_phase(folder / "evaluation.json", lambda: loop.task_evaluation(current, recipe, eval_rows))
         seconds = loop.json_phase(folder / "timing.json", lambda: {"seconds": round(time.time() - stage_started, 1)})

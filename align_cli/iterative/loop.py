@@ -23,9 +23,10 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import list_checkpoints, write_json_atomic
+from ..checkpoint import broken_checkpoints, write_json_atomic
 from ..config import Recipe
 from ..errors import UserError
+from ..run_dir import begin_writing, resolve_run_dir
 
 MARKER = "iterative.json"
 
@@ -39,28 +40,16 @@ def processes():
 
 
 def open_run_dir(recipe: Recipe, recipe_path: Path | None, output_dir: str | None, resume: bool,
-                 overwrite: bool) -> Path:
-    """The run directory of an iterative method, with the same rules as the pairwise trainer's."""
-    stem = recipe_path.stem if recipe_path else "run"
-    run_dir = Path(output_dir or recipe.output.dir.format(recipe=stem))
+                 overwrite: bool, allow_recipe_change: bool = False) -> Path:
+    """The run directory of an iterative method, with the pairwise trainer's rules (`run_dir.resolve_run_dir`:
+    lock, resume only with an unchanged recipe, an --overwrite's old run kept until the first checkpoint); a
+    run was started here when its MARKER exists. The loops load their inputs phase by phase, so the old run is
+    moved aside now, and put back if the new run fails before any stage wrote a checkpoint."""
+    run_dir = resolve_run_dir(recipe, recipe_path, output_dir, resume, overwrite, allow_recipe_change, marker=MARKER)
+    begin_writing(run_dir)
     state = processes()
-    state.wait_for_everyone()  # every process looks before the main process writes
-    started = (run_dir / MARKER).exists()
-    if started and not resume and not overwrite:
-        raise UserError(f"Output directory '{run_dir}' already holds a run. Pass --resume to continue it, "
-                        f"--overwrite to replace it, or --output-dir to write elsewhere.")
-    if resume and not started:
-        raise UserError(f"--resume: '{run_dir}' holds no {recipe.method.name} run to resume. Run without --resume to start.")
-    state.wait_for_everyone()
-    if state.is_main_process:
-        if overwrite and not resume and run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not started:
-            import yaml
-
-            (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-            write_json_atomic(run_dir / MARKER, {"method": recipe.method.name, "started": time.time()})
+    if state.is_main_process and not resume:
+        write_json_atomic(run_dir / MARKER, {"method": recipe.method.name, "started": time.time()})
     state.wait_for_everyone()
     return run_dir
 
@@ -138,17 +127,19 @@ def derive_recipe(recipe: Recipe, changes: dict) -> Recipe:
     return Recipe.model_validate(data)
 
 
-def train_stage(recipe: Recipe, folder: Path, reference_logps=None, on_step_end=None) -> dict:
+def train_stage(recipe: Recipe, folder: Path, reference_logps=None, on_step_end=None,
+                allow_recipe_change: bool = False) -> dict:
     """Run the pairwise trainer into `folder`: its summary when it finished before, a resume from its last
-    checkpoint when it stopped part-way, else a fresh start (clearing a start killed before any checkpoint)."""
+    checkpoint that verifies when it stopped part-way, else a fresh start (replacing a start killed before any
+    complete checkpoint). `allow_recipe_change`: the iterative run's --allow-recipe-change."""
     from ..trainer import train
 
     summary_path = folder / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
-    resume = bool(list_checkpoints(folder))
+    resume = broken_checkpoints(folder)[0] is not None
     return train(recipe, None, str(folder), resume=resume, overwrite=not resume, on_step_end=on_step_end,
-                 reference_logps=reference_logps)
+                 reference_logps=reference_logps, allow_recipe_change=allow_recipe_change)
 
 
 def set_threads(recipe: Recipe) -> None:

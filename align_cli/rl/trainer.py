@@ -40,6 +40,7 @@ from ..models import (
     resolve_model_location,
     unwrap,
 )
+from ..run_dir import begin_writing, holds_run_directory
 from ..run_setup import RunInputs, load_task_rows, start_run
 from ..trainer import StopFlag, TrainingDiverged, end_optimiser_step
 from .advantages import Selection, advantages_of, d3s_selection, informative_groups
@@ -51,9 +52,10 @@ from .update import TrainBatch, optimise
 
 
 def prepare_rl_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None, resume: bool,
-                   overwrite: bool, needs_reference: bool) -> RunInputs:
+                   overwrite: bool, needs_reference: bool, allow_recipe_change: bool = False) -> RunInputs:
     """Run directory, Accelerator, tokenizer, prompts, policy (+ LoRA) and, for the KL term, the reference."""
-    run_dir, accelerator, tokenizer = start_run(recipe, recipe_path, output_dir, resume, overwrite)
+    run_dir, accelerator, tokenizer = start_run(recipe, recipe_path, output_dir, resume, overwrite,
+                                                allow_recipe_change)
     prompts, report = load_prompt_rows(recipe, tokenizer)
     dtype = resolve_dtype(recipe.model.dtype)
     policy = load_causal_lm(recipe.model.name, recipe.model, dtype)
@@ -67,11 +69,13 @@ def prepare_rl_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | N
     if needs_reference and reference_model is None:
         reference_model = freeze(load_causal_lm(reference_name or recipe.model.name, recipe.model, dtype))
         reference_model.to(accelerator.device)
-    return RunInputs(recipe=recipe, run_dir=run_dir, accelerator=accelerator, tokenizer=tokenizer, tokenisation=None,
-                     train_data=prompts, eval_data=None, data_report=report, policy=policy,
-                     reference_model=reference_model, reference_context=context,
-                     reference_location=resolve_model_location(reference_name or recipe.model.name), dtype=dtype,
-                     task_rows=load_task_rows(recipe))
+    run = RunInputs(recipe=recipe, run_dir=run_dir, accelerator=accelerator, tokenizer=tokenizer, tokenisation=None,
+                    train_data=prompts, eval_data=None, data_report=report, policy=policy,
+                    reference_model=reference_model, reference_context=context,
+                    reference_location=resolve_model_location(reference_name or recipe.model.name), dtype=dtype,
+                    task_rows=load_task_rows(recipe))
+    begin_writing(run_dir)  # everything loaded: an --overwrite's old run moves aside only now
+    return run
 
 
 def loss_settings(recipe: Recipe) -> tuple[str, Callable, dict, str]:
@@ -217,12 +221,15 @@ def _measure(run: RunInputs, model) -> dict:
                          run.recipe.data.system_prompt)
 
 
+@holds_run_directory  # the run directory's lock and an --overwrite's old run, released / settled on exit
 def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | None = None, resume: bool = False,
-             overwrite: bool = False, on_step_end: Callable[[int], None] | None = None) -> dict:
+             overwrite: bool = False, on_step_end: Callable[[int], None] | None = None,
+             allow_recipe_change: bool = False) -> dict:
     """Run an online RL recipe (`method.name: grpo`); return the run summary (also `summary.json`)."""
     loss_name, loss_function, params, aggregation = loss_settings(recipe)
     rl, training = recipe.method.rl, recipe.training
-    run = prepare_rl_run(recipe, recipe_path, output_dir, resume, overwrite, needs_reference=params["kl_beta"] > 0)
+    run = prepare_rl_run(recipe, recipe_path, output_dir, resume, overwrite, needs_reference=params["kl_beta"] > 0,
+                         allow_recipe_change=allow_recipe_change)
     accelerator = run.accelerator
     rewards = WeightedRewards(rl.rewards)
     needs_entropy = rl.d3s.enabled or loss_name == "hapo"  # adaptive temperature: recorded while sampling
