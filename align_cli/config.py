@@ -102,7 +102,8 @@ class LossTerm(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str = Field(..., description="A name from `align_cli.losses.LOSSES`.")
-    weight: float = Field(1.0, description="Weight of this term in the sum of mean losses.")
+    weight: float = Field(1.0, ge=0, description="Weight of this term in the sum of mean losses (>= 0: a negative "
+                                                  "weight maximises the loss).")
 
     @property
     def params(self) -> dict[str, Any]:

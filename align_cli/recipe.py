@@ -132,7 +132,8 @@ def _describe(error: dict, source: str, node: yaml.Node | None) -> str:
     return f"{where}: {dotted}: {error['msg']}{shown}."
 
 
-def _check_losses(recipe: Recipe, source: str, node: yaml.Node | None) -> None:
+def _check_losses(recipe: Recipe, source: str, node: yaml.Node | None, ranges: bool = True) -> None:
+    """Loss names and hyperparameter names, and (with `ranges`) each value against its loss's range."""
     from .losses import LOSSES, hyperparameters
 
     for index, term in enumerate(recipe.method.losses):
@@ -150,6 +151,31 @@ def _check_losses(recipe: Recipe, source: str, node: yaml.Node | None) -> None:
                 hint = f" Did you mean '{close[0]}'?" if close else ""
                 raise UserError(f"{where}: method.losses[{index}]: loss '{term.name}' has no hyperparameter '{key}'.{hint} "
                                 f"Its hyperparameters: {', '.join(accepted) or 'none'}.")
+        if ranges:
+            _check_ranges(term, index, source, node)
+
+
+def _check_ranges(term, index: int, source: str, node: yaml.Node | None) -> None:
+    """Every hyperparameter the term sets must lie in the range its loss declares (losses/ranges.py)."""
+    from .losses import LOSSES, hyperparameter_ranges
+    from .losses.ranges import out_of_range
+
+    problems = out_of_range(hyperparameter_ranges(LOSSES[term.name]), term.params)
+    if not problems:
+        return
+    key, value, requirement = problems[0]
+    line = _line_of(node, ("method", "losses", index, key))
+    where = f"{source}, line {line}" if line else source
+    hint = ""
+    if isinstance(value, str):
+        try:
+            float(value)
+            hint = f" YAML read {value!r} as text: write the number with a decimal point (e.g. 1.0e-3 for 1e-3)."
+        except ValueError:
+            pass
+    raise UserError(f"{where}: method.losses.{index}.{key} = {value!r} is out of range: loss '{term.name}' needs "
+                    f"{requirement}.{hint} Set a value in that range in the recipe or with "
+                    f"--set method.losses.{index}.{key}=VALUE.")
 
 
 def _validate(data: dict, source: str, node: yaml.Node | None) -> Recipe:
@@ -170,7 +196,8 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[
     source = str(path)
     data, node = _compose(path.read_text(), source)
     recipe = _validate(data, source, node)
-    _check_losses(recipe, source, node)
+    # A value out of range in the file may be what the --set overrides correct: check ranges after them.
+    _check_losses(recipe, source, node, ranges=not overrides)
     if overrides:
         complete = apply_overrides(recipe.model_dump(mode="json"), list(overrides))
         recipe = _validate(complete, f"{source} with --set {' '.join(overrides)}", None)

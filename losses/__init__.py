@@ -41,16 +41,26 @@ TENSOR_INPUTS = (
 LOSSES: dict[str, Callable] = {}
 
 
-def register(name: str):
-    """Add a loss function to `LOSSES` under `name`."""
+def register(name: str, **ranges):
+    """Add a loss function to `LOSSES` under `name`, with the valid range of each hyperparameter
+    (`Range`/`OneOf` from `losses/ranges.py`), which recipes are checked against (`hyperparameter_ranges`)."""
 
     def decorate(function: Callable) -> Callable:
         if name in LOSSES:
             raise ValueError(f"loss '{name}' registered twice")
+        unknown = set(ranges) - set(hyperparameters(function))
+        if unknown:
+            raise ValueError(f"loss '{name}': ranges given for {sorted(unknown)}, which are not its hyperparameters")
+        function.ranges = dict(ranges)
         LOSSES[name] = function
         return function
 
     return decorate
+
+
+def hyperparameter_ranges(function: Callable) -> dict:
+    """The declared valid range of each hyperparameter of a registered loss (name -> `Range`/`OneOf`)."""
+    return getattr(function, "ranges", {})
 
 
 def tensor_inputs(function: Callable) -> dict[str, bool]:

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from . import register
 from .common import log_ratios, preference_metrics, spread_token_mean_nll, token_counts, upcast
+from .ranges import BELOW_ONE_HALF, BETA, POSITIVE, OneOf, require_in_range
 
 
-@register("dpo")
+@register("dpo", beta=BETA)
 def dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float = 0.1):
     """DPO, sigmoid loss: `-logsig(beta * D)`.
 
@@ -25,7 +26,8 @@ def dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float
     return loss, preference_metrics(beta, chosen, rejected, policy_chosen, policy_rejected)
 
 
-@register("cdpo")
+@register("cdpo", beta=BETA,
+          label_smoothing=BELOW_ONE_HALF.with_meaning("probability the label is wrong"))
 def cdpo(
     policy_chosen,
     policy_rejected,
@@ -42,15 +44,15 @@ def cdpo(
     relationship to IPO" (https://ericmitchell.ai/cdpo.pdf). Earlier TRL releases computed this as
     `loss_type="sigmoid"` with `label_smoothing`; TRL 1.16's `sigmoid` ignores `label_smoothing`.
     """
-    if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"cdpo: label_smoothing must lie in [0, 0.5], got {label_smoothing}")
+    require_in_range("cdpo", cdpo.ranges, label_smoothing=label_smoothing)
     chosen, rejected = log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     logits = beta * (chosen - rejected)
     loss = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     return loss, preference_metrics(beta, chosen, rejected, policy_chosen, policy_rejected)
 
 
-@register("rdpo")
+@register("rdpo", beta=BETA,
+          label_smoothing=BELOW_ONE_HALF.with_meaning("label flip rate"))
 def rdpo(
     policy_chosen,
     policy_rejected,
@@ -67,8 +69,7 @@ def rdpo(
     clean-label DPO loss under random flips. Chowdhury et al. 2024, "Provably Robust DPO: Aligning
     Language Models with Noisy Feedback", arXiv:2403.00409. TRL `loss_type="robust"`.
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"rdpo: label_smoothing (flip rate) must lie in [0, 0.5), got {label_smoothing}")
+    require_in_range("rdpo", rdpo.ranges, label_smoothing=label_smoothing)
     chosen, rejected = log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     logits = beta * (chosen - rejected)
     loss = (-(1 - label_smoothing) * F.logsigmoid(logits) + label_smoothing * F.logsigmoid(-logits)) / (
@@ -77,7 +78,7 @@ def rdpo(
     return loss, preference_metrics(beta, chosen, rejected, policy_chosen, policy_rejected)
 
 
-@register("ipo")
+@register("ipo", beta=POSITIVE.with_meaning("the target margin is 1/(2*beta)"))
 def ipo(
     policy_chosen,
     policy_rejected,
@@ -103,7 +104,7 @@ def ipo(
     return loss, preference_metrics(beta, chosen, rejected, policy_chosen, policy_rejected)
 
 
-@register("hinge")
+@register("hinge", beta=BETA)
 def hinge(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float = 0.1):
     """Hinge loss on the log-ratio margin: `relu(1 - beta * D)`.
 
@@ -118,7 +119,7 @@ def hinge(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: flo
 SFT_NORMALIZATIONS = ("batch_tokens", "per_sequence")
 
 
-@register("sft")
+@register("sft", normalize=OneOf(SFT_NORMALIZATIONS))
 def sft(policy_chosen, chosen_lengths, *, normalize: str = "batch_tokens"):
     """NLL of the chosen completions, added with a weight to DPO as RPO: Pang et al. 2024, "Iterative
     Reasoning Preference Optimization", arXiv:2404.19733.

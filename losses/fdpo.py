@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from . import register
 from .common import log_ratios, preference_metrics
+from .ranges import BETA, OPEN_UNIT_INTERVAL, POSITIVE, OneOf, require_in_range
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
 
@@ -72,7 +73,9 @@ def largest_psi_value(beta: float, compute_dtype: torch.dtype) -> float:
     return torch.finfo(compute_dtype).max / (2 * HEADROOM * max(beta, 1.0))
 
 
-@register("fdpo")
+@register("fdpo", beta=BETA, divergence=OneOf(DIVERGENCES),
+          alpha=OPEN_UNIT_INTERVAL.with_meaning("alpha-divergence order, paper convention"),
+          max_exponent=POSITIVE.with_meaning("clamp of the exponent of exp"))
 def fdpo(
     policy_chosen,
     policy_rejected,
@@ -109,8 +112,8 @@ def fdpo(
     sequences. Inside the cap the values are the exact formula. The paper used a much smaller beta for forward
     KL (0.03) than for reverse KL (0.9 on Anthropic-HH with Pythia-2.8B).
     """
-    if divergence == "alpha" and not 0.0 < alpha < 1.0:
-        raise ValueError(f"fdpo: alpha must lie in (0, 1) (paper convention), got {alpha}")
+    if divergence == "alpha":
+        require_in_range("fdpo", fdpo.ranges, alpha=alpha)
     chosen, rejected = log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     cap = exponent_cap_for_inputs(max_exponent, beta, chosen.dtype, policy_chosen, policy_rejected, ref_chosen,
                                   ref_rejected)

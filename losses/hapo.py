@@ -23,7 +23,8 @@ import torch
 
 from . import register
 from .common import upcast
-from .rl import policy_loss, token_advantages
+from .ranges import NON_NEGATIVE
+from .rl import CLIP_RANGES, policy_loss, token_advantages
 
 SIGNS = ("paper", "released_code")
 
@@ -129,7 +130,8 @@ def adaptive_clip_bounds(signal: torch.Tensor, eps_low: float, eps_high: float, 
     return low, high
 
 
-@register("hapo")
+@register("hapo", **CLIP_RANGES, beta_adv=NON_NEGATIVE.with_meaning("advantage redistribution strength"),
+          a_c=NON_NEGATIVE.with_meaning("adaptive clipping strength"))
 def hapo(policy_token_logps, old_token_logps, advantages, completion_mask, token_entropy_signal, loss_mask=None,
          ref_token_logps=None, loss_normaliser=None, *, eps_low: float = 0.2, eps_high: float = 0.28,
          kl_beta: float = 0.0, aggregation: str = "token-mean", redistribution: bool = True, beta_adv: float = 1.0,

@@ -22,8 +22,13 @@ import torch
 
 from . import register
 from .common import upcast
+from .ranges import NON_NEGATIVE, OneOf, Range
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+# The clip range [1 - eps_low, 1 + eps_high] must contain the ratio 1 and keep its lower end above 0.
+CLIP_RANGES = dict(eps_low=Range(0.0, 1.0, high_open=True, meaning="lower clip, ratio >= 1 - eps_low"),
+                   eps_high=NON_NEGATIVE.with_meaning("upper clip, ratio <= 1 + eps_high"),
+                   kl_beta=NON_NEGATIVE.with_meaning("weight of the KL penalty"), aggregation=OneOf(AGGREGATIONS))
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -145,7 +150,7 @@ def _token_ratio_loss(policy_token_logps, old_token_logps, advantages, completio
                        completion_mask, loss_mask, ref_token_logps, loss_normaliser, kl_beta, aggregation)
 
 
-@register("grpo")
+@register("grpo", **CLIP_RANGES)
 def grpo(policy_token_logps, old_token_logps, advantages, completion_mask, loss_mask=None,
          ref_token_logps=None, loss_normaliser=None, *, eps_low: float = 0.2, eps_high: float = 0.2,
          kl_beta: float = 0.0, aggregation: str = "seq-mean-token-mean"):
@@ -159,7 +164,7 @@ def grpo(policy_token_logps, old_token_logps, advantages, completion_mask, loss_
                              ref_token_logps, loss_normaliser, eps_low, eps_high, kl_beta, aggregation)
 
 
-@register("dapo")
+@register("dapo", **CLIP_RANGES)
 def dapo(policy_token_logps, old_token_logps, advantages, completion_mask, loss_mask=None,
          ref_token_logps=None, loss_normaliser=None, *, eps_low: float = 0.2, eps_high: float = 0.28,
          kl_beta: float = 0.0, aggregation: str = "token-mean"):
@@ -180,7 +185,7 @@ def sequence_log_ratio(policy_token_logps, old_token_logps, completion_mask) -> 
     return difference.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
 
 
-@register("gspo")
+@register("gspo", **CLIP_RANGES)
 def gspo(policy_token_logps, old_token_logps, advantages, completion_mask, loss_mask=None,
          ref_token_logps=None, loss_normaliser=None, *, eps_low: float = 3e-4, eps_high: float = 4e-4,
          kl_beta: float = 0.0, aggregation: str = "seq-mean-token-mean"):

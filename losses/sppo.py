@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from . import register
 from .common import log_ratios, preference_metrics, upcast
+from .ranges import POSITIVE
 
 
-@register("sppo")
+@register("sppo", beta=POSITIVE.with_meaning("1/eta, the inverse step size of the self-play update"))
 def sppo(
     policy_chosen,
     policy_rejected,

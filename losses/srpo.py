@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from . import register
 from .common import log_ratios, preference_metrics, upcast
+from .ranges import BETA, UNIT_INTERVAL, require_in_range
 
 
-@register("srpo")
+@register("srpo", beta=BETA, a=UNIT_INTERVAL.with_meaning("self-improvement weight"))
 def srpo(
     policy_chosen,
     policy_rejected,
@@ -40,8 +41,7 @@ def srpo(
     generative one (ALGORITHMS.md's name; not checked against the paper's text, as no official code exists);
     its default 0.8 follows the only public, unofficial implementation, as does beta 0.1.
     """
-    if not 0.0 <= a <= 1.0:
-        raise ValueError(f"srpo: a (self-improvement weight) must lie in [0, 1], got {a}")
+    require_in_range("srpo", srpo.ranges, a=a)
     chosen, rejected = log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     chosen_given_rejected = upcast(policy_chosen_given_rejected) - upcast(ref_chosen_given_rejected)
     rejected_given_rejected = upcast(policy_rejected_given_rejected) - upcast(ref_rejected_given_rejected)

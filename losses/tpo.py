@@ -10,6 +10,9 @@ import torch.nn.functional as F
 
 from . import hyperparameters, register
 from .common import preference_metrics, spread_token_mean_nll, token_counts, upcast
+from .ranges import BELOW_ONE_HALF, BETA, NON_NEGATIVE
+
+GOLD_WEIGHT = NON_NEGATIVE.with_meaning("weight of the gold response's NLL")
 
 
 def _add_gold_nll(loss, metrics, policy_gold, gold_lengths, alpha: float):
@@ -27,7 +30,8 @@ def _add_gold_nll(loss, metrics, policy_gold, gold_lengths, alpha: float):
     return loss + alpha * gold_nll, metrics
 
 
-@register("tpo")
+@register("tpo", beta=BETA, label_smoothing=BELOW_ONE_HALF.with_meaning("probability the label is wrong"),
+          alpha=GOLD_WEIGHT)
 def tpo(
     policy_chosen,
     policy_rejected,
@@ -57,7 +61,8 @@ def tpo(
     return _add_gold_nll(loss, metrics, policy_gold, gold_lengths, alpha)
 
 
-@register("tpo_l")
+@register("tpo_l", beta=BETA, gamma=NON_NEGATIVE.with_meaning("target reward margin"),
+          label_smoothing=BELOW_ONE_HALF.with_meaning("probability the label is wrong"), alpha=GOLD_WEIGHT)
 def tpo_l(
     policy_chosen,
     policy_rejected,

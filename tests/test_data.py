@@ -24,7 +24,7 @@ def test_conversational_explicit_prompt_uses_chat_template(tokenizer):
     assert tokenizer.decode(row["prompt_ids"]) == prompt_text
     assert tokenizer.decode(row["chosen_ids"]).startswith("4<|im_end|>")
     assert tokenizer.decode(row["rejected_ids"]).startswith("5<|im_end|>")
-    assert report == {"rows": 1, "dropped_long_prompts": 0, "truncated_completions": 0}
+    assert report == {"rows": 1, "dropped_long_prompts": 0, "truncated_completions": 0, "moved_prompt_boundaries": 0}
 
 
 def test_implicit_prompt_is_extracted(tokenizer):
@@ -38,8 +38,9 @@ def test_implicit_prompt_is_extracted(tokenizer):
 def test_string_format_is_raw_text_with_eos(tokenizer):
     data, _ = tokenise([{"prompt": "Q: 2+2?\nA:", "chosen": " 4", "rejected": " 5"}], tokenizer)
     assert tokenizer.decode(data[0]["chosen_ids"]) == " 4" + tokenizer.eos_token
-    implicit, _ = tokenise([{"chosen": "Q: 2+2?\nA: 4", "rejected": "Q: 2+2?\nA: 5"}], tokenizer)
-    assert tokenizer.decode(implicit[0]["prompt_ids"] + implicit[0]["chosen_ids"]).endswith("A: 4" + tokenizer.eos_token)
+    implicit, _ = tokenise([{"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"}],
+                           tokenizer)
+    assert tokenizer.decode(implicit[0]["chosen_ids"]) == " 4" + tokenizer.eos_token
 
 
 def test_targets_cover_exactly_the_completion_tokens(tokenizer):

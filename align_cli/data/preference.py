@@ -3,8 +3,15 @@
 Accepted row formats (after the recipe's column mapping):
 - explicit prompt: `prompt`, `chosen`, `rejected`, each a string (standard format: used as raw
   text, no chat template) or a list of chat messages (conversational: rendered with the chat template);
-- implicit prompt: only `chosen` and `rejected`, full conversations (or strings) sharing a prefix,
-  which becomes the prompt (`trl.data_utils.extract_prompt`).
+- implicit prompt: only `chosen` and `rejected`, full chat conversations sharing their leading messages,
+  or raw text with a turn marker such as Anthropic HH's "\n\nAssistant:" (data/rows.py, which also checks
+  every row and drops empty-chosen and identical pairs). Plain text without a prompt column is an error.
+
+Tokenisation follows TRL 1.16: each completion is tokenised together with its prompt, and the completion
+starts at the first token where prompt + completion and the prompt alone differ. Tokenising them apart
+would split tokens that merge across the boundary (a prompt "Answer: " ends in a lone space token that
+normal tokenisation of "Answer: 4" never produces). When the boundary moves into the prompt, the rows are
+counted (`prompt_boundary_moved`) and reported in a warning.
 
 Truncation policy (`data.max_length`, `data.max_prompt_length`, `data.prompt_truncation`):
 1. A prompt longer than `max_prompt_length` tokens is dropped from training (`drop`, the default:
@@ -24,6 +31,7 @@ are kept as per-example soft labels.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -69,8 +77,10 @@ def normalise_rows(dataset, source):
         from .triples import rated_to_triples
 
         return rated_to_triples(dataset, source.columns, source.source, source.triple_margin)
+    from .rows import check_preference_rows
+
     mapping = {name: column for name, column in source.columns.model_dump().items() if name in PAIR_COLUMNS}
-    return apply_column_mapping(dataset, mapping, source.source)
+    return check_preference_rows(apply_column_mapping(dataset, mapping, source.source), source.source)
 
 
 def apply_column_mapping(dataset, mapping: dict[str, str], source: str):
@@ -117,13 +127,35 @@ def _prompt_ids(tokenizer, text: str, conversational: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=not conversational)["input_ids"]
 
 
+def common_prefix_length(first: list[int], second: list[int]) -> int:
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def tokenise_with_prompt(tokenizer, prompt_text: str, completion_texts: dict[str, str],
+                         conversational: bool) -> tuple[list[int], dict[str, list[int]], bool]:
+    """`(prompt_ids, {name: completion_ids}, boundary_moved)`: every completion is tokenised together with the
+    prompt, so that `prompt_ids + completion_ids` equals the tokenisation of the concatenated text, and starts
+    where the shared prompt tokens end (the shortest common prefix with the prompt alone, as TRL 1.16 does).
+    `boundary_moved`: the prompt alone tokenises differently at its end (tokens merge across the boundary)."""
+    prompt_alone = _prompt_ids(tokenizer, prompt_text, conversational)
+    together = {name: _prompt_ids(tokenizer, prompt_text + text, conversational)
+                for name, text in completion_texts.items()}
+    start = min(common_prefix_length(prompt_alone, ids) for ids in together.values())
+    return prompt_alone[:start], {name: ids[start:] for name, ids in together.items()}, start < len(prompt_alone)
+
+
 def tokenise_pair(row: dict, tokenizer, settings: TokenisationSettings) -> dict:
     """One preference row -> prompt ids, chosen ids, rejected ids (truncated per the policy), plus the
     extra sequences of `settings.groups` (gold ids, SRPO revision prompt ids)."""
-    if "prompt" not in row or row["prompt"] is None:
-        from trl.data_utils import extract_prompt
+    if row.get("prompt") is None:
+        from .rows import complete_prompt
 
-        row = {**row, **extract_prompt({"chosen": row["chosen"], "rejected": row["rejected"]})}
+        row = complete_prompt(row)
     revisions = settings.revision_template is not None
     if revisions:
         from ..srpo import Templates, generation_prompt
@@ -133,29 +165,25 @@ def tokenise_pair(row: dict, tokenizer, settings: TokenisationSettings) -> dict:
         return _with_revisions(tokenise_pair(plain_row, tokenizer, _without_revisions(settings)), row, tokenizer,
                                settings)
     conversational = not isinstance(row["prompt"], str)
-    prompt_text, chosen_text = render_prompt_and_completion(tokenizer, row["prompt"], row["chosen"], settings.system_prompt)
-    _, rejected_text = render_prompt_and_completion(tokenizer, row["prompt"], row["rejected"], settings.system_prompt)
-    prompt_ids = _prompt_ids(tokenizer, prompt_text, conversational)
+    names = ("chosen", "rejected", "gold") if "gold" in settings.groups else ("chosen", "rejected")
+    rendered = {name: render_prompt_and_completion(tokenizer, row["prompt"], row[name], settings.system_prompt)
+                for name in names}
+    prompt_text = rendered["chosen"][0]
+    prompt_ids, completion_ids, boundary_moved = tokenise_with_prompt(
+        tokenizer, prompt_text, {name: completion for name, (_, completion) in rendered.items()}, conversational)
     prompt_too_long = len(prompt_ids) > settings.max_prompt_length
     if prompt_too_long and settings.prompt_truncation == "keep_end":
         prompt_ids = prompt_ids[-settings.max_prompt_length:]
     room = max(settings.max_length - len(prompt_ids), 0)
-    chosen_ids = tokenizer(chosen_text, add_special_tokens=False)["input_ids"]
-    rejected_ids = tokenizer(rejected_text, add_special_tokens=False)["input_ids"]
     keep = not (prompt_too_long and settings.prompt_truncation == "drop") and room > 0
     result = {
         "prompt_ids": prompt_ids,
-        "chosen_ids": chosen_ids[:room],
-        "rejected_ids": rejected_ids[:room],
+        **{f"{name}_ids": ids[:room] for name, ids in completion_ids.items()},
         "keep": keep,
         "prompt_length": len(prompt_ids),
-        "completion_truncated": keep and (len(chosen_ids) > room or len(rejected_ids) > room),
+        "completion_truncated": keep and any(len(ids) > room for ids in completion_ids.values()),
+        "prompt_boundary_moved": boundary_moved,
     }
-    if "gold" in settings.groups:
-        _, gold_text = render_prompt_and_completion(tokenizer, row["prompt"], row["gold"], settings.system_prompt)
-        gold_ids = tokenizer(gold_text, add_special_tokens=False)["input_ids"]
-        result["gold_ids"] = gold_ids[:room]
-        result["completion_truncated"] = result["completion_truncated"] or (keep and len(gold_ids) > room)
     for name in LABEL_COLUMNS:
         if name in row:
             result[name] = float(row[name])
@@ -173,12 +201,10 @@ def _with_revisions(plain: dict, row: dict, tokenizer, settings: TokenisationSet
     from .srpo import tokenise_revision_prompts
 
     chosen_text = render_prompt_and_completion(tokenizer, row["prompt"], row["chosen"], settings.system_prompt)[1]
-    full_chosen = tokenizer(chosen_text, add_special_tokens=False)["input_ids"]
-    full_rejected_length = len(tokenizer(render_prompt_and_completion(
-        tokenizer, row["prompt"], row["rejected"], settings.system_prompt)[1], add_special_tokens=False)["input_ids"])
     room = settings.max_length - len(plain["prompt_ids"])
-    revision = tokenise_revision_prompts(row, room, max(len(full_chosen), full_rejected_length), tokenizer, settings,
-                                         chosen_text)
+    # The plain completions are already cut to `room`, so their lengths are min(room, full length).
+    completion_length = max(len(plain["chosen_ids"]), len(plain["rejected_ids"]))
+    revision = tokenise_revision_prompts(row, room, completion_length, tokenizer, settings, chosen_text)
     limit = revision["completion_limit"]
     keep = plain["keep"] and revision["fits"]
     cut = keep and (len(plain["chosen_ids"]) > limit or len(plain["rejected_ids"]) > limit)
@@ -206,6 +232,10 @@ def tokenise_preferences(dataset, tokenizer, settings: TokenisationSettings, sou
         raise UserError(f"Dataset '{source}' has no gold response column, which the loss needs (TPO with alpha > 0). "
                         f"Map it with data.train.columns.gold: NAME, or build triples from rated data with "
                         f"data.train.format: rated_to_triples (or set the loss's alpha: 0).")
+    if "prompt" not in dataset.column_names:  # rows not checked by normalise_rows: recover their prompts first
+        from .rows import check_preference_rows
+
+        dataset = check_preference_rows(dataset, source)
     dataset = dataset.map(lambda _, index: {"source_row": index}, with_indices=True)
     try:
         tokenised = dataset.map(
@@ -220,8 +250,15 @@ def tokenise_preferences(dataset, tokenizer, settings: TokenisationSettings, sou
                         f"Rows need chosen/rejected (and optionally prompt) as strings or chat message lists.") from None
     dropped = len(tokenised) - sum(tokenised["keep"])
     report = {"rows": len(tokenised), "dropped_long_prompts": dropped,
-              "truncated_completions": int(sum(tokenised["completion_truncated"]))}
-    bookkeeping = ["keep", "completion_truncated"]
+              "truncated_completions": int(sum(tokenised["completion_truncated"])),
+              "moved_prompt_boundaries": int(sum(tokenised["prompt_boundary_moved"]))}
+    bookkeeping = ["keep", "completion_truncated", "prompt_boundary_moved"]
+    if report["moved_prompt_boundaries"]:
+        warnings.warn(f"Dataset '{source}': in {report['moved_prompt_boundaries']} of {len(tokenised)} rows the prompt's "
+                      f"last tokens merge with the completion's first (e.g. a prompt ending in a space); the completion "
+                      f"starts where prompt + completion and the prompt alone tokenise differently (as TRL does), so the "
+                      f"token spanning the boundary is scored as completion. End prompts on a token boundary (no trailing "
+                      f"space) to avoid it.", stacklevel=2)
     if "revision_dropped" in tokenised.column_names:
         from .srpo import warn_revision_truncation
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -47,9 +49,15 @@ def load_source(source: str, split: str = "train", subset: str | None = None):
         if loader is None:
             raise UserError(f"Data file '{source}' has an unsupported extension '{path.suffix}'; "
                             f"use one of {', '.join(_FILE_LOADERS)}.")
+        if loader in ("json", "csv") and not _is_utf8(path):
+            # pyarrow stores invalid bytes unchecked and fails only when the row is read, far from the file.
+            raise UserError(f"Data file '{source}', {first_bad_line(path, loader)}.") from None
         try:
             return datasets.load_dataset(loader, data_files={split: str(path)}, split=split)
         except Exception as error:  # datasets raises many types for malformed files
+            problem = first_bad_line(path, loader)
+            if problem:
+                raise UserError(f"Data file '{source}', {problem}. Fix or remove that line.") from None
             raise UserError(f"Could not read data file '{source}' as {loader}: {error}") from None
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
@@ -60,6 +68,83 @@ def load_source(source: str, split: str = "train", subset: str | None = None):
         raise UserError(f"Data file '{source}' does not exist. Check the path in data.*.source "
                         f"(relative paths are read from {os.getcwd()}).")
     return _load_hub(source, split, subset)
+
+
+def _is_utf8(path: Path, chunk_bytes: int = 1 << 20) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with path.open("rb") as stream:
+        try:
+            while chunk := stream.read(chunk_bytes):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def first_bad_line(path: Path, loader: str) -> str | None:
+    """Where a text data file stops being readable: the first line that is not UTF-8 or, for JSON lines, not
+    one JSON object. `datasets` reports neither the line nor the key; None when no such line is found."""
+    raw = path.read_bytes()
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            key = _key_holding_undecodable_byte(line) if loader == "json" else None
+            where = f", key '{key}'" if key else ""
+            return (f"line {number}{where}, byte {error.start + 1}: byte 0x{line[error.start]:02x} is not UTF-8. "
+                    f"Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
+    if loader != "json":
+        return None
+    text = raw.decode("utf-8")
+    if text.lstrip().startswith("["):  # one JSON document (a list of rows) rather than JSON lines
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as error:
+            return f"line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})"
+        return None
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"line {number}, column {error.colno}: not valid JSON ({error.msg})"
+        if not isinstance(row, dict):
+            return f"line {number}: a row must be a JSON object of columns, found a {type(row).__name__}"
+    return None
+
+
+def _key_holding_undecodable_byte(line: bytes) -> str | None:
+    """The top-level key of a JSON line whose value holds the invalid byte (decoded as a lone surrogate)."""
+    try:
+        row = json.loads(line.decode("utf-8", "surrogateescape"))
+    except json.JSONDecodeError:
+        return None
+
+    def holds_surrogate(value) -> bool:
+        if isinstance(value, str):
+            return any("\udc80" <= character <= "\udcff" for character in value)
+        if isinstance(value, dict):
+            return any(holds_surrogate(v) for v in value.values())
+        return isinstance(value, list) and any(holds_surrogate(v) for v in value)
+
+    return next((key for key, value in row.items() if holds_surrogate(value)), None) if isinstance(row, dict) else None
+
+
+def row_location(source: str, index: int) -> str:
+    """`line N` of a local JSON-lines file for the row at 0-based `index` (blank lines hold no row), else
+    `row N` counting from 1."""
+    path = Path(source).expanduser()
+    if path.suffix.lower() in (".jsonl", ".json") and path.is_file():
+        with path.open("rb") as lines:
+            if not lines.read(4096).lstrip().startswith(b"["):
+                lines.seek(0)
+                rows = (number for number, line in enumerate(lines, start=1) if line.strip())
+                number = next((n for position, n in enumerate(rows) if position == index), None)
+                if number is not None:
+                    return f"line {number}"
+    return f"row {index + 1}"
 
 
 def _load_hub(name: str, split: str, subset: str | None):
