@@ -47,8 +47,9 @@ def tpo(
 
     The NLL is the token mean over all gold tokens of the batch. Saeidi et al. 2024, "Triple Preference
     Optimization: Achieving Better Alignment using a Single Step Optimization", arXiv:2405.16681. The
-    authors' code (github.com/sahsaeedi/triple-preference-optimization, utils/tpo_trainer.py) computes
-    `losses.mean() + alpha * cross_entropy(gold)`, the same without label smoothing.
+    authors' first code (github.com/sahsaeedi/triple-preference-optimization, utils/tpo_trainer.py) computes
+    `losses.mean() + alpha * cross_entropy(gold)`, the same without label smoothing; their later code
+    (github.com/sahsaeedi/TPO, utils/tpo_trainer.py) and TRL's TPOTrainer add label smoothing in this form.
 
     Defaults: beta 0.01 (TRL's TPOConfig, and the paper's table per ALGORITHMS.md; the authors' code
     defaults to 0.1, its README runs 0.2); alpha 1.0 for base models (the authors' code and TRL; the
