@@ -2,6 +2,7 @@
 and a fix; implicit prompts are taken only where they can be found without guessing; the prompt/completion
 boundary is tokenised as TRL 1.16 does."""
 
+import re
 import warnings
 
 import pytest
@@ -90,6 +91,26 @@ def test_direct_calls_use_the_same_ranges():
     t = {n: torch.zeros(2) for n in ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")}
     with pytest.raises(ValueError, match=r"cdpo: label_smoothing \(probability the label is wrong\) in \[0, 0.5\)"):
         LOSSES["cdpo"](**t, label_smoothing=0.5)
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ([{"chosen": "The answer is 4.", "rejected": "The answer is 5."}] * 4,
+     r"line 1: the row has no prompt.*Set data.train.columns.prompt"),
+    ([{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3 + [{"prompt": "p", "rejected": "b"}],
+     r"line 4: the row has no 'chosen'"),
+])
+def test_train_exits_2_on_bad_rows(tmp_path, tiny_model_dir, monkeypatch, capsys, rows, expected):
+    import yaml
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    recipe = {"model": {"name": str(tiny_model_dir)}, "data": {"train": {"source": str(data)}},
+              "training": {"max_steps": 1, "batch_size": 1}, "logging": {"progress": False},
+              "evaluation": {"task": None}, "output": {"dir": str(tmp_path / "run")}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, out, err = align(monkeypatch, capsys, "train", str(path))
+    assert code == 2 and "Traceback" not in out + err
+    assert re.search(expected, err), err
 
 
 # --- unreadable files and rows -----------------------------------------------------------------------------------
