@@ -21,6 +21,7 @@ REPO=$PWD
 OUT=${OUT:-$REPO/seeds-out}
 W=${W:-/tmp/seeds}
 SITE=${SITE:-/tmp/site}
+STASH=${STASH:-/tmp/gguf-parts}              # where `prepare` keeps the GGUF parts it was given (GGUF_A)
 SEEDS=${SEEDS:-42 100 200 300 400}           # spaced so that no run's sampling seed (seed + iteration) is another's
 RL_SEEDS=${RL_SEEDS:-42 1 2}                  # docs/online_rl.md's seeds
 # longest first; *_bs4: the same recipe at batch size 4 (an APO iteration with fewer pairs than one batch stops
@@ -40,7 +41,7 @@ if [ "$1" = prepare ]; then  # install the carried wheels; keep the first GGUF p
   python3 -c "import sys, pyarrow; print('pyarrow', pyarrow.__version__); sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" \
     || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
       "${WHEELS:-.whl-seeds}"/alt/*.whl 2>&1 | grep -v "WARNING: Target directory" | tail -3
-  for part in ${GGUF_A:-}; do mkdir -p /tmp/gguf-parts && cp -r "$part"/. /tmp/gguf-parts/; done
+  for part in ${GGUF_A:-}; do mkdir -p "$STASH" && cp -r "$part"/. "$STASH"/; done
   (cd /tmp && python3 -c "import torch, transformers, datasets, trl, accelerate, peft, pydantic, gguf, align_cli.cli; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'trl', trl.__version__, 'datasets', datasets.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)")
   exit $?
 fi
