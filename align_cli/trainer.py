@@ -21,6 +21,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, wri
 from .config import Recipe
 from .data.batching import DataOrder, GroupedBatch, collate_groups
 from .distributed import configure_engine, mark_sharded_for_generation, prepare_reference
+from .divergence import CollapseMonitor, DivergenceGuard, TrainingDiverged, gradient_norm  # noqa: F401 (re-export)
 from .errors import UserError
 from .evaluation import evaluate_pairs, task_accuracy
 from .logprobs import sequence_logps
@@ -38,10 +39,6 @@ class Interrupted(Exception):
     def __init__(self, step: int, signal_number: int, checkpoint: Path):
         super().__init__(f"interrupted at step {step}")
         self.step, self.signal_number, self.checkpoint = step, signal_number, checkpoint
-
-
-class TrainingDiverged(UserError):
-    """A non-finite loss: the run stops, the last good checkpoint stays."""
 
 
 @dataclass
@@ -65,15 +62,18 @@ class StopFlag:
 
 
 def end_optimiser_step(accelerator, recipe: Recipe, run_dir: Path, state: dict, last_step: int, stop: StopFlag,
-                       on_step_end: Callable[[int], None] | None) -> None:
+                       on_step_end: Callable[[int], None] | None, *, guard: DivergenceGuard) -> None:
     """What every trainer does after an optimiser step: the scheduled (and final) checkpoint, the caller's
-    hook, and, after SIGINT/SIGTERM, a checkpoint and `Interrupted`."""
+    hook, and, after SIGINT/SIGTERM, a checkpoint and `Interrupted`. A checkpoint is saved only if every
+    trainable parameter is finite (`guard.check_parameters`, else `TrainingDiverged`)."""
     step, checkpointing = state["step"], recipe.checkpointing
     if (checkpointing.every and step % checkpointing.every == 0) or step == last_step:
+        guard.check_parameters(step)
         save_checkpoint(accelerator, run_dir, step, state, checkpointing.keep_last)
     if on_step_end is not None:
         on_step_end(step)
     if stop.signal_number is not None:
+        guard.check_parameters(step)
         saved = save_checkpoint(accelerator, run_dir, step, state, checkpointing.keep_last)
         raise Interrupted(step, stop.signal_number, saved)
 
@@ -218,6 +218,8 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
         if accelerator.is_main_process:
             write_json_atomic(before_path, before)
 
+    guard = DivergenceGuard(accelerator, run.run_dir, [p for p in model.parameters() if p.requires_grad])
+    monitor = CollapseMonitor(**state.get("collapse", {}))  # resumed with the checkpoint
     log = MetricsLog(run.run_dir, recipe.logging.tensorboard, accelerator.is_main_process)
     stop = StopFlag()
     stop.install()
@@ -231,7 +233,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
                                      loss=float("nan"), accuracy=float("nan"), tokens_per_second=0.0)
             while state["step"] < steps:
                 step_started = time.time()
-                step_tokens, step_metrics = 0, []
+                step_tokens, step_metrics, step_norm = 0, [], None
                 for _ in range(training.gradient_accumulation_steps):
                     rows = order.batch(state["micro_batch"])
                     batch = collate([run.train_data[i] for i in rows], objective.policy_groups,
@@ -239,16 +241,11 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
                     with accelerator.accumulate(model):
                         loss, metrics, _ = objective_forward(model, batch, objective, train_reference,
                                                              training.fused_logprobs)
-                        if not torch.isfinite(loss):
-                            raise TrainingDiverged(
-                                f"The loss became {loss.item()} at step {state['step'] + 1} (micro-batch rows "
-                                f"{rows[:8]}...). The last good checkpoint is kept in {run.run_dir / 'checkpoints'}. "
-                                f"Lower training.learning_rate, check the data, or use training.precision: fp32.")
+                        guard.check_loss(loss, state["step"] + 1, f" (micro-batch rows {rows[:8]}...)")
                         accelerator.backward(loss)
-                        if accelerator.sync_gradients and training.max_grad_norm:
-                            norm = accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
-                            if norm is not None:  # DeepSpeed clips inside its step and may not report a norm
-                                metrics["grad_norm"] = float(norm)
+                        if accelerator.sync_gradients:  # the norm of the accumulated gradient, before it is applied
+                            step_norm = gradient_norm(accelerator, model.parameters(), training.max_grad_norm)
+                            guard.check_gradient_norm(step_norm, state["step"] + 1, float(loss.detach()))
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -263,6 +260,10 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
                 last_metrics = _mean_over_processes(accelerator, {
                     k: sum(m.get(k, 0.0) for m in step_metrics) / len(step_metrics) for k in step_metrics[-1]})
                 last_metrics.update(learning_rate=scheduler.get_last_lr()[0], tokens_per_second=step_tokens / max(elapsed, 1e-9))
+                if step_norm is not None:  # one norm per optimiser step (None: DeepSpeed, see `gradient_norm`)
+                    last_metrics["grad_norm"] = step_norm
+                monitor.observe(state["step"], last_metrics["loss"], step_norm, announce=accelerator.is_main_process)
+                state["collapse"] = monitor.as_dict()
                 if state["step"] % recipe.logging.every == 0 or state["step"] == steps:
                     log.log(state["step"], last_metrics)
                 progress.update(task, completed=state["step"], loss=last_metrics["loss"],
@@ -272,7 +273,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
                     log.log(state["step"], evaluate_pairs(model, _reference_for(reference, "eval"), objective, run.eval_data,
                                                           run.tokenizer.pad_token_id, training.batch_size,
                                                           accelerator.device, training.fused_logprobs), prefix="eval")
-                end_optimiser_step(accelerator, recipe, run.run_dir, state, steps, stop, on_step_end)
+                end_optimiser_step(accelerator, recipe, run.run_dir, state, steps, stop, on_step_end, guard=guard)
     finally:
         stop.restore()
         log.close()
@@ -300,6 +301,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
         "before": before,
         "after": after,
         "final_model_dir": str(final_dir) if final_dir else None,
+        "warnings": monitor.warnings,
     }
     if accelerator.is_main_process:
         write_json_atomic(run.run_dir / "summary.json", summary)

@@ -25,6 +25,7 @@ import torch
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, write_json_atomic
 from ..config import Recipe
+from ..divergence import CollapseMonitor, DivergenceGuard
 from ..errors import UserError
 from ..evaluation import task_accuracy
 from ..losses import LOSSES, hyperparameters
@@ -42,7 +43,7 @@ from ..models import (
 )
 from ..run_dir import begin_writing, holds_run_directory
 from ..run_setup import RunInputs, load_task_rows, start_run
-from ..trainer import StopFlag, TrainingDiverged, end_optimiser_step
+from ..trainer import StopFlag, end_optimiser_step
 from .advantages import Selection, advantages_of, d3s_selection, informative_groups
 from .data import PromptOrder, load_prompt_rows
 from .rewards import WeightedRewards, overlong_penalty
@@ -264,11 +265,8 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
         if accelerator.is_main_process:
             write_json_atomic(before_path, before)
 
-    def check_finite(loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"The loss became {float(loss)} at step {state['step']}. The last good checkpoint "
-                                   f"is kept in {run.run_dir / 'checkpoints'}. Lower training.learning_rate.")
-
+    guard = DivergenceGuard(accelerator, run.run_dir, [p for p in model.parameters() if p.requires_grad])
+    monitor = CollapseMonitor(**state.get("collapse", {}))  # resumed with the checkpoint
     log = MetricsLog(run.run_dir, recipe.logging.tensorboard, accelerator.is_main_process)
     stop = StopFlag()
     stop.install()
@@ -301,7 +299,7 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
                     passes=rl.passes, mini_batches=rl.mini_batches, micro_batch_size=training.batch_size,
                     max_grad_norm=training.max_grad_norm, pad_id=run.tokenizer.pad_token_id,
                     fused=training.fused_logprobs, seed=_seed(training.seed, state["step"], 7),
-                    check_finite=check_finite)
+                    guard=guard, step=state["step"])
                 metrics.update({k: sum(u[k] for u in updates) / len(updates) for k in updates[-1]})
                 elapsed = time.time() - step_started
                 tokens = int(rollouts.lengths.sum())
@@ -310,6 +308,12 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
                 metrics.update(learning_rate=scheduler.get_last_lr()[0], step_seconds=elapsed,
                                generation_seconds=generated - step_started, tokens_per_second=tokens / max(elapsed, 1e-9))
                 last_metrics = metrics
+                # A zero gradient is right when every advantage is zero (all groups' rewards equal) or no token
+                # is trained: only other steps count towards a collapse.
+                monitor.observe(state["step"], metrics["loss"], metrics.get("grad_norm"),
+                                expects_gradient=metrics["advantage/abs_mean"] > 0 and metrics["loss_tokens"] > 0,
+                                announce=accelerator.is_main_process)
+                state["collapse"] = monitor.as_dict()
                 if state["step"] % recipe.logging.every == 0 or state["step"] == steps:
                     log.log(state["step"], metrics)
                 progress.update(task, completed=state["step"], loss=metrics["loss"], accuracy=metrics["reward/mean"],
@@ -317,7 +321,7 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
                 if training.eval_every and state["step"] % training.eval_every == 0 and state["step"] < steps:
                     log.log(state["step"], {k: v for k, v in _measure(run, model).items() if isinstance(v, (int, float))},
                             prefix="eval")
-                end_optimiser_step(accelerator, recipe, run.run_dir, state, steps, stop, on_step_end)
+                end_optimiser_step(accelerator, recipe, run.run_dir, state, steps, stop, on_step_end, guard=guard)
     finally:
         stop.restore()
         log.close()
@@ -343,6 +347,7 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
         "before": before,
         "after": after,
         "final_model_dir": str(final_dir) if final_dir else None,
+        "warnings": monitor.warnings,
     }
     if accelerator.is_main_process:
         write_json_atomic(run.run_dir / "summary.json", summary)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..divergence import DivergenceGuard, gradient_norm
 from ..losses.hapo import entropy_signal
 from .rollout import Rollouts, score
 
@@ -82,13 +83,18 @@ def micro_batch_loss(model, batch: TrainBatch, indices: torch.Tensor, loss_funct
 def optimise(model, batch: TrainBatch, *, loss_function: Callable, params: dict, weight: float, aggregation: str,
              accelerator, optimizer, scheduler, passes: int, mini_batches: int, micro_batch_size: int,
              max_grad_norm: float | None, pad_id: int, fused: bool, seed: int,
-             check_finite: Callable[[torch.Tensor], None] | None = None) -> list[dict]:
+             guard: DivergenceGuard | None = None, step: int = 0) -> list[dict]:
     """`passes` x `mini_batches` optimiser steps over the batch; one metrics dict per optimiser step.
 
     Each optimiser step's loss is `sum over its micro-batches` of the micro-batch losses, each normalised by
     the step's global count (all micro-batches, all processes), so the gradient equals that of the whole
     mini-batch at once. `accelerator.backward` divides by its accumulation steps and DDP averages over
     processes; both are undone here so the sum stays exact.
+
+    With a `guard`, each optimiser step's loss and gradient norm are checked before `optimizer.step()`
+    (`TrainingDiverged` names `step`, the trainer's step). The loss is checked once per optimiser step, not per
+    micro-batch: processes may hold different numbers of micro-batches, and the check is a collective. A
+    non-finite micro-batch loss makes the summed loss non-finite, so none escapes.
     """
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
     generator = torch.Generator().manual_seed(seed)
@@ -96,6 +102,7 @@ def optimise(model, batch: TrainBatch, *, loss_function: Callable, params: dict,
     for _ in range(passes):
         order = torch.randperm(len(batch), generator=generator)
         for mini_batch in order.chunk(mini_batches):
+            update = f" (optimiser update {len(results) + 1} of {passes * mini_batches} in this step)"
             local = normaliser_count(batch.loss_mask[mini_batch], aggregation).to(accelerator.device)
             normaliser = accelerator.reduce(local, "sum") if accelerator.num_processes > 1 else local
             micro = list(mini_batch.split(micro_batch_size))
@@ -106,15 +113,18 @@ def optimise(model, batch: TrainBatch, *, loss_function: Callable, params: dict,
                     loss, metrics = micro_batch_loss(model, batch, indices, loss_function, params, normaliser,
                                                      pad_id, fused)
                     loss = weight * loss
-                    if check_finite is not None:
-                        check_finite(loss)
                     accelerator.backward(loss * scale)
                 step_loss += float(loss.detach())
                 step_metrics.append({k: float(v) for k, v in metrics.items()})
+            if guard is not None:
+                guard.check_loss(step_loss, step, update)
             result = {"loss": step_loss,
                       **{k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}}
-            if max_grad_norm:
-                result["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+            norm = gradient_norm(accelerator, model.parameters(), max_grad_norm)
+            if norm is not None:  # None under DeepSpeed (see `gradient_norm`)
+                result["grad_norm"] = norm
+            if guard is not None:
+                guard.check_gradient_norm(norm, step, result["loss"])
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
