@@ -2,12 +2,13 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
 import yaml
 from accelerate import Accelerator
-from conftest import write_jsonl
+from conftest import align, write_jsonl
 from safetensors.torch import load_file
 
 from align_cli import tasks
@@ -159,8 +160,9 @@ def test_pairwise_nan_loss_stops_before_backward(tiny_recipe, tmp_path, monkeypa
     assert_weights_equal_checkpoint(calls[-1], list_checkpoints(run_dir)[-1])
 
 
-def test_pairwise_nan_before_any_checkpoint_says_none_yet(tiny_recipe, monkeypatch):
-    """A finite loss whose gradient is NaN (sqrt'(0) * 0), injected at step 1: no checkpoint exists yet."""
+def test_pairwise_nan_before_any_checkpoint_says_none_yet(tiny_recipe, tmp_path, monkeypatch, capsys):
+    """A finite loss whose gradient is NaN (sqrt'(0) * 0), injected at step 1: no checkpoint exists yet. Through
+    the CLI: exit 2, the message, no traceback."""
     forward = pairwise_trainer.objective_forward
 
     def nan_gradient(model, batch, *args, **kwargs):
@@ -169,9 +171,10 @@ def test_pairwise_nan_before_any_checkpoint_says_none_yet(tiny_recipe, monkeypat
         return loss + poison, metrics, tensors
 
     monkeypatch.setattr(pairwise_trainer, "objective_forward", nan_gradient)
-    recipe, recipe_path = load_recipe(str(tiny_recipe(training__max_steps=2, evaluation__task=None)))
-    with pytest.raises(TrainingDiverged, match="at step 1: the gradient norm became nan.*checkpoint is none yet"):
-        pairwise_trainer.train(recipe, recipe_path)
+    code, _, err = align(monkeypatch, capsys, "train", str(tiny_recipe(training__max_steps=2, evaluation__task=None)))
+    assert code == 2 and "Traceback" not in err
+    assert re.search(r"at step 1: the gradient norm became nan.*the last finite checkpoint is none yet", err), err
+    assert list_checkpoints(tmp_path / "run") == []
 
 
 def test_pairwise_collapse_is_warned_in_the_log_and_summary(tiny_recipe, tmp_path):
