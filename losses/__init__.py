@@ -7,7 +7,8 @@ The contract (DESIGN.md) every function in `LOSSES` follows:
   default of `None` is optional (the trainer skips computing it when the loss does not need it, e.g.
   TPO's gold NLL with `alpha=0`).
 - Hyperparameters are keyword-only with defaults (`beta`, `label_smoothing`, ...); recipes set them
-  by the same names.
+  by the same names. Each loss declares the valid range of its hyperparameters where it is registered
+  (`@register("dpo", beta=BETA)`, losses/ranges.py); recipes are checked against them before a run.
 - The return value is `(loss_per_example [B], metrics)`, metrics a dict of detached scalar tensors
   named like TRL's (`rewards/chosen`, `rewards/margins`, `rewards/accuracies`, ...).
 

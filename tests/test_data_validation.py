@@ -245,3 +245,14 @@ def test_chat_prompts_keep_their_boundary(tokenizer):
     prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     assert data[0]["prompt_ids"] == tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     assert report["moved_prompt_boundaries"] == 0
+
+
+def test_tokenisation_version_changes_the_cache_fingerprint(tokenizer):
+    """`datasets` hashes `tokenise_pair` by its own code only, so a tokenisation change must show in its
+    arguments, or a file's cached tokenisation (and the reference log-prob cache keyed by it) would be reused."""
+    from dataclasses import replace
+
+    rows = Dataset.from_list([GOOD])
+    current, _ = tokenise_preferences(rows, tokenizer, SETTINGS, "t")
+    older, _ = tokenise_preferences(rows, tokenizer, replace(SETTINGS, tokenisation_version=1), "t")
+    assert current._fingerprint != older._fingerprint

@@ -54,6 +54,10 @@ class TokenisationSettings:
     generate_template: str | None = None              # SRPO's templates, set when its groups are needed
     revision_template: str | None = None
     min_example_tokens: int = 32
+    # Bump when tokenisation changes: `datasets` fingerprints `tokenise_pair` by its own code, not by the helpers
+    # it calls, so without this a file's cached tokenisation (and reference cache keys) would outlive the change.
+    # 2: completions tokenised together with their prompt (TRL 1.16's boundary).
+    tokenisation_version: int = 2
 
     def key(self) -> dict:
         return dict(self.__dict__)

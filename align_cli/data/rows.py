@@ -99,7 +99,11 @@ def is_empty_answer(answer) -> bool:
     return not any(str(message.get("content") or "").strip() for message in answer)
 
 
-def _check_and_flag(row: dict, index: int, source: str) -> dict:
+# Bump when the checks change: `datasets` fingerprints `_check_and_flag` by its own code, not by its helpers'.
+CHECKS_VERSION = 1
+
+
+def _check_and_flag(row: dict, index: int, source: str, version: int = CHECKS_VERSION) -> dict:
     try:
         completed = checked_row(row)
     except RowError as error:
@@ -114,7 +118,7 @@ def _check_and_flag(row: dict, index: int, source: str) -> dict:
 def check_preference_rows(dataset, source: str):
     """Check every row (`checked_row`), fill in implicit prompts, drop empty-chosen and identical pairs with a
     counted warning; `source` names the data in messages (and locates lines in local JSON-lines files)."""
-    flagged = dataset.map(_check_and_flag, with_indices=True, fn_kwargs={"source": source}, desc="Checking rows")
+    flagged = dataset.map(_check_and_flag, with_indices=True, fn_kwargs={"source": source, "version": CHECKS_VERSION}, desc="Checking rows")
     empty_flags, identical_flags = flagged["empty_chosen"], flagged["identical_pair"]
     empty = sum(empty_flags)
     identical = sum(same and not blank for blank, same in zip(empty_flags, identical_flags))
