@@ -126,6 +126,7 @@ def test_lora_checkpoints_hold_only_the_adapter_and_resume_bitwise(tiny_recipe, 
 
     with pytest.raises(Interrupted):
         run(interrupted, on_step_end=stop_after_two)
+    assert not (tmp_path / "interrupted" / "run.lock").exists(), "the lock is released on SIGINT too"
     checkpoint = tmp_path / "interrupted" / "checkpoints" / "step-0000002"
     stored = load_file(checkpoint / "model.safetensors")
     assert stored and all("lora_" in name for name in stored), "only adapter tensors are stored"
