@@ -6,6 +6,7 @@ Exit codes: 0 success; 2 bad input (one paragraph, no traceback); 1 internal fai
 
 from __future__ import annotations
 
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -68,8 +69,12 @@ def train(
     try:
         summary = run_training(loaded, path, output_dir, resume, overwrite, allow_recipe_change=allow_recipe_change)
     except Interrupted as stop:
+        from .distributed import launch_options_to_resume
+
+        resume_with = ["align", "train", recipe, *[part for item in set_ for part in ("--set", item)], "--resume",
+                       *(["--output-dir", output_dir] if output_dir else []), *launch_options_to_resume()]
         _echo_err(f"Interrupted at step {stop.step}; checkpoint saved in {stop.checkpoint}. "
-                  f"Continue with: align train {recipe} --resume" + (f" --output-dir {output_dir}" if output_dir else ""))
+                  f"Continue with: {shlex.join(resume_with)}")
         raise typer.Exit(128 + stop.signal_number) from None
     before, after = summary["before"], summary["after"]
     shown = ["loss", "rewards/accuracies", "likelihood_accuracy", "task_accuracy"]
@@ -132,7 +137,8 @@ def env():
 
 @app.command()
 def generate(
-    model: str = typer.Option(..., "--model", help="builtin:NAME, a model directory (e.g. runs/srpo/final_model) or a hub id."),
+    model: str = typer.Option(..., "--model", help="A run directory of align train (its final_model), a model "
+                                                   "directory, builtin:NAME or a hub id."),
     prompts: str = typer.Option(..., "--prompts", help="builtin:NAME or a .jsonl/.json/.parquet/.csv file with a `prompt` "
                                                        "column (string or chat messages); an `answer` column is checked."),
     output: str = typer.Option(..., "--output", help="JSONL file: one line per prompt with every revision y_0..y_K."),
@@ -152,6 +158,8 @@ def generate(
                                                                 "(default: the recipe.yaml of the model's run directory)."),
     engine: str = typer.Option("auto", "--engine", help="auto (vLLM when installed and a GPU is present, else "
                                                         "transformers) | transformers | vllm."),
+    raw: bool = typer.Option(False, "--raw", help="Send string prompts as plain text, without the chat template "
+                                                  "(base models, prompts already formatted); as align eval --raw."),
 ):
     """Answer prompts with a model, optionally revising each answer K times (SRPO self-revision)."""
     import json
@@ -164,7 +172,7 @@ def generate(
                                 batch_size=batch_size)
     revision_settings = None if revision_temperature is None else replace(settings, temperature=revision_temperature)
     summary = generate_to_file(model, prompts, split, output, revisions, settings, num_prompts, recipe, engine,
-                               revision_settings)
+                               revision_settings, raw)
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -191,24 +199,59 @@ def plot(
 
 
 def main() -> None:
+    code = exit_code_of_command()
+    from .distributed import report_exit_code
+
+    report_exit_code(code)  # for `--accelerate-config`: the relaunching process exits with its workers' code
+    sys.exit(code)
+
+
+def exit_code_of_command() -> int:
+    """Run the command line and return its exit code: 0, 2 (a user's mistake, one line), 1 (internal, traceback),
+    130/143 (SIGINT/SIGTERM). Under `standalone_mode=False` typer returns the code of `typer.Exit` (and turns
+    KeyboardInterrupt into 130) instead of raising it, so the return value is the code."""
     try:
-        app(standalone_mode=False)
+        returned = app(standalone_mode=False)
     except UserError as error:
         _echo_err(f"error: {error}")
-        sys.exit(2)
+        return 2
     except typer.Exit as done:
-        sys.exit(done.exit_code)
+        return done.exit_code
     except (typer.Abort, KeyboardInterrupt):
         _echo_err("Aborted.")
-        sys.exit(130)
-    except Exception as error:  # click's own usage errors are user errors too
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            sys.exit(2)
+        return 130
+    except _click_exceptions() as error:  # a usage error: bad option, missing or extra argument, value out of range
+        _echo_err(usage_error_line(error))
+        return 2
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except Exception:
         traceback.print_exc()
-        sys.exit(1)
+        return 1
+    return returned if isinstance(returned, int) else 0
+
+
+def _click_exceptions() -> tuple[type[BaseException], ...]:
+    """click's exception base as typer raises it: typer >= 0.22 vendors click (`typer._click`), older typers
+    raise click's own."""
+    classes = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            classes.append(__import__(module, fromlist=["ClickException"]).ClickException)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(classes)
+
+
+def usage_error_line(error) -> str:
+    """One line: click's message and the command's usage, e.g. `error: No such option: --bogus (usage: align
+    train [OPTIONS] RECIPE; align train --help lists every option).`"""
+    message = " ".join(error.format_message().split()).rstrip(".")
+    context = getattr(error, "ctx", None)
+    if context is None:
+        return f"error: {message}"
+    usage = " ".join(context.get_usage().split()).removeprefix("Usage: ")
+    return f"error: {message} (usage: {usage}; {context.command_path} --help lists every option)."
 
 
 if __name__ == "__main__":

@@ -176,20 +176,131 @@ def resolve_accelerate_config(name_or_path: str) -> Path:
 
 
 def launch_command(config: str, num_processes: int | None, argv: list[str]) -> list[str]:
-    """`accelerate launch` running this same `align` command (argv: the arguments after the program)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolve_accelerate_config(config))]
+    """`accelerate launch` running this same `align` command (argv: the arguments after the program).
+    `--quiet`: a worker's failure is reported by the worker (and its exit code by `relaunch`), not by a
+    traceback of the launcher's own."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file",
+               str(resolve_accelerate_config(config))]
     if num_processes:
         command += ["--num_processes", str(num_processes)]
     return command + ["-m", "align_cli.cli", *argv]
 
 
-def relaunch(config: str, num_processes: int | None, argv: list[str]) -> int:
+# Where each relaunched worker writes its exit code: launchers turn a worker's failure into their own exit
+# code 1 (torch's elastic agent, accelerate's single-process launcher), or die before it (SIGTERM).
+EXIT_CODE_DIR_VARIABLE = "ALIGN_EXIT_CODE_DIR"
+
+
+# The `--accelerate-config`/`--num-processes` options of the relaunched command, for the resume command a worker
+# prints when interrupted (the workers' own command line has lost them).
+LAUNCH_OPTIONS_VARIABLE = "ALIGN_LAUNCH_OPTIONS"
+
+
+def launch_options_to_resume() -> list[str]:
     import os
+
+    return shlex.split(os.environ.get(LAUNCH_OPTIONS_VARIABLE, ""))
+
+
+def report_exit_code(code: int) -> None:
+    """In a worker started by `relaunch`: leave this process's exit code for the relaunching process."""
+    import os
+
+    directory = os.environ.get(EXIT_CODE_DIR_VARIABLE)
+    if not directory:
+        return
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    with contextlib.suppress(OSError):
+        (Path(directory) / f"rank-{rank}").write_text(str(code))
+
+
+def read_exit_codes(directory: Path) -> dict[int, int]:
+    """{rank: exit code} of the workers that reported one."""
+    codes = {}
+    for path in directory.glob("rank-*"):
+        with contextlib.suppress(ValueError, OSError):
+            codes[int(path.name.removeprefix("rank-"))] = int(path.read_text())
+    return codes
+
+
+def relaunch_exit_code(launcher_code: int, worker_codes: dict[int, int], signal_number: int | None) -> int:
+    """The code `align train --accelerate-config` exits with: a failed worker's own code (rank 0's first: 2 for a
+    user's mistake, 1 for a crash, 130/143 when it was signalled itself); else 128 + the signal this process
+    received (the workers stopped on the SIGTERM it forwarded: 143 from them is what was asked); else the
+    launcher's (a launcher killed by signal N: 128 + N, as a shell reports it)."""
+    import signal
+
+    asked = {0, 128 + signal.SIGTERM} if signal_number is not None else {0}
+    failed = [worker_codes[rank] for rank in sorted(worker_codes) if worker_codes[rank] not in asked]
+    if failed:
+        return failed[0]
+    if signal_number is not None:
+        return 128 + signal_number
+    return 128 - launcher_code if launcher_code < 0 else launcher_code
+
+
+def _become_child_subreaper() -> bool:
+    """Linux: orphaned descendants are re-parented to this process (not to init), so that it can wait for
+    workers whose launcher died before them. False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # 36: PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _wait_for_every_child() -> None:
+    import os
+
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def relaunch(config: str, num_processes: int | None, argv: list[str]) -> int:
+    """Run this `align` command under `accelerate launch`; return the exit code the user should see
+    (`relaunch_exit_code`).
+
+    The launcher runs in a session of its own, and SIGINT/SIGTERM sent to this process reach its process group
+    as SIGTERM: a terminal's Ctrl-C or a scheduler's SIGTERM reaches the workers once, through here, and as the
+    signal every launcher handles quietly (a SIGINT would end accelerate's launcher with a KeyboardInterrupt
+    traceback). Torch's elastic launcher passes it on to its workers and waits for them; accelerate's
+    single-process launcher dies at once, so this process also waits (as their subreaper) for orphaned workers
+    to save a checkpoint and exit. The exit code is 128 + the signal received (130 for Ctrl-C)."""
+    import os
+    import signal
     import subprocess
+    import tempfile
 
     if os.environ.get("LOCAL_RANK") is not None:
         raise UserError("--accelerate-config: this process was already started by a launcher; drop the option "
                         "(or run `align train` without `accelerate launch` around it).")
     command = launch_command(config, num_processes, argv)
     print("Launching: " + shlex.join(command), file=sys.stderr, flush=True)
-    return subprocess.call(command)
+    received: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="align-exit-codes-") as codes:
+        subreaper = _become_child_subreaper()
+        options = ["--accelerate-config", config, *(["--num-processes", str(num_processes)] if num_processes else [])]
+        process = subprocess.Popen(command, start_new_session=True, env={
+            **os.environ, EXIT_CODE_DIR_VARIABLE: codes, LAUNCH_OPTIONS_VARIABLE: shlex.join(options)})
+
+        def forward(number, _frame):
+            received.append(number)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+
+        previous = {number: signal.signal(number, forward) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            launcher_code = process.wait()
+            if subreaper:
+                _wait_for_every_child()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+        worker_codes = read_exit_codes(Path(codes))
+    return relaunch_exit_code(launcher_code, worker_codes, received[0] if received else None)

@@ -86,3 +86,63 @@ def test_user_error_in_a_real_process_has_no_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "align_cli.cli", "train", str(tmp_path / "absent.yaml")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr and "does not exist" in done.stderr
+
+
+# ---- align generate and align eval ask a prompt the same way ----------------------------------------------------
+
+ARITHMETIC = ["What is 1 + 6? Reply with just the equation and its result.",
+              "What is 10 - 5? Reply with just the equation and its result."]
+
+
+def test_instruction_strings_become_one_user_message_under_the_chat_template(tokenizer):
+    from align_cli.generation import instruction_prompt, render_prompts
+
+    messages = [{"role": "user", "content": ARITHMETIC[0]}]
+    assert instruction_prompt(ARITHMETIC[0]) == messages and instruction_prompt(ARITHMETIC[0], raw=True) == ARITHMETIC[0]
+    assert instruction_prompt(messages, raw=True) == messages  # chat messages always need the template
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert render_prompts(tokenizer, [instruction_prompt(ARITHMETIC[0])]) == [expected]
+    assert expected.startswith("<|im_start|>") and expected.endswith("<|im_start|>assistant\n")
+
+
+def _generated(monkeypatch, capsys, tmp_path, model, *extra):
+    import json
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in ARITHMETIC))
+    output = tmp_path / "generated.jsonl"
+    code, out, err = align(monkeypatch, capsys, "generate", "--model", model, "--prompts", str(prompts), "--output",
+                           str(output), "--max-new-tokens", "12", "--engine", "transformers", *extra)
+    assert code == 0, err
+    return [json.loads(line)["revisions"][0] for line in output.read_text().splitlines()], json.loads(out)
+
+
+def test_generate_answers_string_prompts_of_the_embedded_model(monkeypatch, capsys, tmp_path):
+    # Without the chat template the instruct model ends the first prompt at once: "" (exit 0) before the fix.
+    answers, _ = _generated(monkeypatch, capsys, tmp_path, "builtin:smollm2-135m-instruct")
+    assert len(answers) == 2 and all(answer.strip() for answer in answers), answers
+
+
+def test_generate_and_eval_ask_a_run_directory_the_same_way(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    import json
+    import shutil
+
+    run_dir = tmp_path / "run"  # as align train leaves it: `--model RUN_DIR` means its final_model
+    shutil.copytree(tiny_model_dir, run_dir / "final_model")
+    instructions = tmp_path / "instructions.jsonl"
+    instructions.write_text("".join(json.dumps({"instruction": text, "output": "x", "answer": "7"}) + "\n"
+                                    for text in ARITHMETIC))
+    answers = {}
+    for mode in ([], ["--raw"]):
+        generated, summary = _generated(monkeypatch, capsys, tmp_path, str(run_dir), *mode)
+        assert summary["model"] == str(run_dir / "final_model") and summary["raw"] == bool(mode)
+        code, _, err = align(monkeypatch, capsys, "eval", "--model", str(run_dir), "--instructions", str(instructions),
+                             "--judge", "rule", "--max-new-tokens", "12", "--engine", "transformers", "--output-dir",
+                             str(tmp_path / "eval"), "--json", *mode)
+        assert code == 0, err
+        name = "run+raw" if mode else "run"
+        evaluated = json.loads((tmp_path / "eval" / name / "model_outputs.json").read_text())
+        # Greedy decoding of one model: equal answers mean equal prompts (eval strips its answers).
+        assert [answer.strip() for answer in generated] == [row["output"] for row in evaluated]
+        answers[name] = generated
+    assert answers["run"] != answers["run+raw"]  # the chat template is what makes them differ

@@ -2,7 +2,8 @@
 `model_outputs.json` after every batch, and resumed: instructions already answered by the same
 generator are skipped.
 
-Prompts go through SRPO's templates (`align_cli.srpo`), the same ones `align generate` and training
+Each instruction is asked as `align generate` asks a string prompt (`generation.instruction_prompt`): one
+user message under the chat template, or the plain text with `raw`. Prompts go through SRPO's templates (`align_cli.srpo`), the same ones `align generate` and training
 use: those of the model's run directory (its recipe.yaml) or of `--recipe`, else the defaults, which
 leave the instruction unchanged. With `revisions` K > 0 each answer is revised K times (y_{k+1}
 answers the revision prompt showing y_k); `output` is the last revision and `revisions` keeps the
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..generation import SamplingSettings
+from ..generation import SamplingSettings, instruction_prompt
 from ..srpo import Templates, self_revise
 from .formats import model_output_row, read_records, write_json
 
@@ -34,7 +35,7 @@ def answered(path: Path, generator: str, revisions: int) -> dict[str, dict]:
 
 
 def generate_outputs(load_model: Callable, rows: list[dict], generator: str, path: Path, settings: SamplingSettings,
-                     templates: Templates = Templates(), revisions: int = 0) -> tuple[list[dict], int]:
+                     templates: Templates = Templates(), revisions: int = 0, raw: bool = False) -> tuple[list[dict], int]:
     """Model outputs for `rows` (in their order) and how many were generated now.
 
     `load_model()` returns the generation engine (`align_cli.engine`); it is called only if something is left
@@ -52,7 +53,7 @@ def generate_outputs(load_model: Callable, rows: list[dict], generator: str, pat
         try:
             for start in range(0, len(todo), save_every):
                 chunk = todo[start: start + save_every]
-                prompts = [[{"role": "user", "content": row["instruction"]}] for row in chunk]
+                prompts = [instruction_prompt(row["instruction"], raw) for row in chunk]
                 for row, chain in zip(chunk, self_revise(engine, prompts, revisions, settings, templates)):
                     chain = [text.strip() for text in chain]
                     done[row["instruction"]] = model_output_row(row, chain[-1], generator, chain if revisions else None)

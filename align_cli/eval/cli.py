@@ -65,6 +65,8 @@ def evaluate(
     judge_cache: Path | None = typer.Option(None, "--judge-cache", help="Verdict cache (default: OUTPUT_DIR/judge_cache.jsonl)."),
     difficulty: str | None = typer.Option(None, "--difficulty", help="CSV/JSON of instruction, instruction_difficulty for the LC GLM."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    raw: bool = typer.Option(False, "--raw", help="Send the instructions as plain text, without the chat template "
+                                                  "(base models); as align generate --raw. Names the model NAME+raw."),
 ):
     """Generate answers, judge them against the reference, and write alpaca_eval files, metrics and a report."""
     if ctx.invoked_subcommand is not None:
@@ -88,7 +90,7 @@ def evaluate(
     settings = EvalSettings(
         model=model, instructions=instructions, judge=judge_settings, output_dir=output_dir, reference=reference,
         name=name, limit=limit, system_prompt=system_prompt, revisions=revisions, recipe=recipe,
-        difficulty=difficulty, dtype=dtype, engine=engine,
+        difficulty=difficulty, dtype=dtype, engine=engine, raw=raw,
         sampling=SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                   batch_size=batch_size))
     summary = run_evaluation(settings)

@@ -40,6 +40,7 @@ class EvalSettings:
     difficulty: str | None = None
     dtype: str = "auto"
     engine: str = "auto"              # generation engine: auto | transformers | vllm (align_cli.engine)
+    raw: bool = False                 # instructions as plain text, without the chat template (generation.instruction_prompt)
 
 
 def safe_name(text: str) -> str:
@@ -58,13 +59,13 @@ def resolve_model_dir(model: str) -> str:
     return model
 
 
-def default_name(model: str, revisions: int) -> str:
+def default_name(model: str, revisions: int, raw: bool = False) -> str:
     if model.startswith("builtin:"):
         base = model[len("builtin:"):]
     else:
         path = Path(model).expanduser()
         base = (path.parent.name if path.name == "final_model" else path.name) if path.exists() else model
-    return base + (f"+revisions{revisions}" if revisions else "")
+    return base + (f"+revisions{revisions}" if revisions else "") + ("+raw" if raw else "")
 
 
 def _engine_opener(model_location: str, dtype: str, engine: str, system_prompt: str | None, seed: int):
@@ -128,13 +129,13 @@ def run_evaluation(settings: EvalSettings) -> dict:
         judge.check(rows)
 
     model_location = resolve_model_dir(settings.model)
-    name = settings.name or default_name(model_location, settings.revisions)
+    name = settings.name or default_name(model_location, settings.revisions, settings.raw)
     model_dir = settings.output_dir / safe_name(name)
     templates, recipe_system_prompt, _ = templates_for_model(model_location, settings.recipe)
     opener = _engine_opener(model_location, settings.dtype, settings.engine,
                             settings.system_prompt or recipe_system_prompt, settings.sampling.seed)
     outputs, generated = generate_outputs(opener, rows, name, model_dir / "model_outputs.json", settings.sampling,
-                                          templates, settings.revisions)
+                                          templates, settings.revisions, settings.raw)
 
     pairs = _pairs(rows, references, outputs, name)
     judgments = judge.judge(pairs)
