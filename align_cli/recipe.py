@@ -202,7 +202,19 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[
         complete = apply_overrides(recipe.model_dump(mode="json"), list(overrides))
         recipe = _validate(complete, f"{source} with --set {' '.join(overrides)}", None)
         _check_losses(recipe, f"{source} with --set", None)
+    _check_method(recipe, source if not overrides else f"{source} with --set")
     return recipe, path
+
+
+def _check_method(recipe: Recipe, source: str) -> None:
+    """What no single key shows: APO with a loss that needs the normalised anchor samples from the policy."""
+    if recipe.method.name == "apo":
+        from .iterative.apo import require_estimable_normaliser
+
+        try:
+            require_estimable_normaliser(recipe)
+        except UserError as error:
+            raise UserError(f"{source}: {error}") from None
 
 
 def schema_text() -> str:

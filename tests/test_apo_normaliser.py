@@ -8,6 +8,7 @@ the trainer's anchor on two real tiny checkpoints against a float64 computation 
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +235,17 @@ def test_apo_with_sppo_trains_against_the_normalised_anchor(tmp_path, tiny_model
     printed = capsys.readouterr().out
     assert "train rows have no sampled prompt" not in printed  # every pair's prompt was sampled
     assert "4 of 4 eval rows have no sampled prompt" in printed  # the fixed held-out pairs were not
+
+
+def test_validate_refuses_sppo_momentum_with_an_extrapolated_sampler(monkeypatch, capsys):
+    from conftest import align
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "apo.yaml")
+    override = "method.losses=[{name: sppo, beta: 0.001}]"
+    code, out, err = align(monkeypatch, capsys, "validate", recipe, "--set", override)
+    assert code == 2 and "apo.yaml with --set: method.apo with alpha 0.3 and loss sppo" in err
+    assert "Traceback" not in out + err
+    code, out, _ = align(monkeypatch, capsys, "validate", recipe, "--set", override,
+                         "--set", "method.apo.sample_from=policy", "--set", "method.apo.temperature=1.0",
+                         "--set", "method.apo.top_p=1.0")
+    assert code == 0 and "valid" in out
