@@ -31,6 +31,9 @@ class Rollouts:
     # it was sampled at, and the entropy of the untempered distribution there. None: one temperature for all.
     temperatures: list[list[float]] | None = None
     sampling_entropies: list[list[float]] | None = None
+    # Fast path (`fast_generation`): per completion token, its log-prob under softmax(z / T) as the sampler
+    # computed it; the trainer's own pi_old scores of the same tokens should match (generation/logp_gap).
+    sampler_logps: list[list[float]] | None = None
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -47,7 +50,8 @@ class Rollouts:
 
         return Rollouts([self.prompt_ids[i] for i in indices], [self.completion_ids[i] for i in indices],
                         [self.texts[i] for i in indices], self.truncated[indices], self.group[indices],
-                        [self.rows[i] for i in indices], pick(self.temperatures), pick(self.sampling_entropies))
+                        [self.rows[i] for i in indices], pick(self.temperatures), pick(self.sampling_entropies),
+                        pick(self.sampler_logps))
 
     @staticmethod
     def concatenate(parts: list[Rollouts]) -> Rollouts:
@@ -63,7 +67,7 @@ class Rollouts:
         return Rollouts([p for r in parts for p in r.prompt_ids], [c for r in parts for c in r.completion_ids],
                         [t for r in parts for t in r.texts], torch.cat([r.truncated for r in parts]),
                         torch.cat(groups), [row for r in parts for row in r.rows], joined("temperatures"),
-                        joined("sampling_entropies"))
+                        joined("sampling_entropies"), joined("sampler_logps"))
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
@@ -85,10 +89,22 @@ def _cut(tokens: list[int], stops: set[int]) -> tuple[list[int], bool]:
 @torch.no_grad()
 def generate_rollouts(model, tokenizer, rows: list[dict], num_generations: int, *, max_new_tokens: int,
                       temperature: float, top_p: float, seed: int, batch_size: int,
-                      system_prompt: str | None = None, logits_processor=None) -> Rollouts:
-    """`num_generations` sampled completions for each row's `prompt` (chat template applied to messages)."""
+                      system_prompt: str | None = None, logits_processor=None, fast: bool | None = None) -> Rollouts:
+    """`num_generations` sampled completions for each row's `prompt` (chat template applied to messages).
+    `fast` (None: `fast_generation.wanted`, the default on CUDA): all of them in one
+    `fast_generation.fast_generate` call, seeds per (seed, prompt index, sample index). Otherwise, and always
+    with a `logits_processor` (HAPO's adaptive temperature records per `generate` row), transformers
+    `generate` in batches of `batch_size` prompts."""
     from transformers import LogitsProcessorList
 
+    from .. import fast_generation
+
+    processors = [logits_processor] if logits_processor is not None else []
+    if fast is None:
+        fast = fast_generation.wanted(model, processors)
+    if fast and fast_generation.blocker(model, processors) is None:
+        return _fast_rollouts(model, tokenizer, rows, num_generations, max_new_tokens=max_new_tokens,
+                              sampling=fast_generation.Sampling(temperature, top_p, seed), system_prompt=system_prompt)
     policy = unwrap(model)
     was_training = policy.training
     policy.eval()
@@ -131,6 +147,21 @@ def generate_rollouts(model, tokenizer, rows: list[dict], num_generations: int, 
         torch.arange(len(rows)).repeat_interleave(num_generations),
         [row for row in rows for _ in range(num_generations)],
         temperatures if records else None, sampling_entropies if records else None,
+    )
+
+
+def _fast_rollouts(model, tokenizer, rows, num_generations, *, max_new_tokens, sampling, system_prompt) -> Rollouts:
+    from ..fast_generation import fast_generate
+
+    texts = render_prompts(tokenizer, [row["prompt"] for row in rows], system_prompt)
+    prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    out = fast_generate(model, prompt_ids, num_generations, max_new_tokens, sampling, stop_token_ids(model, tokenizer))
+    return Rollouts(
+        [ids for ids in prompt_ids for _ in range(num_generations)], out.tokens,
+        tokenizer.batch_decode(out.tokens, skip_special_tokens=True),
+        torch.tensor([not stopped for stopped in out.stopped], dtype=torch.bool),
+        torch.arange(len(rows)).repeat_interleave(num_generations),
+        [row for row in rows for _ in range(num_generations)], sampler_logps=out.tempered_logps,
     )
 
 

@@ -176,6 +176,8 @@ def build_train_batch(model, run: RunInputs, rollouts: Rollouts, group_rewards: 
                                              temperature=rl.temperature, per_token_temperature=per_token)
         old_logps, entropy = old_logps.cpu(), (entropy.cpu() if entropy is not None else None)
     metrics = {"advantage/abs_mean": float(advantages.abs().mean())}
+    if old_logps is not None and rollouts.sampler_logps is not None:  # fast path: sampler vs trainer log-probs
+        metrics["generation/logp_gap"] = logp_gap(rollouts.sampler_logps, old_logps, mask)
     signal = None
     if entropy is not None:
         metrics["entropy/mean"] = float((entropy * mask).sum() / mask.sum())
@@ -212,6 +214,15 @@ def build_train_batch(model, run: RunInputs, rollouts: Rollouts, group_rewards: 
                        micro_batch_signal=(hapo.rho, hapo.settings.entropy_sign)
                        if signal_to_loss and hapo.settings.signal_source == "micro_batch" else None)
     return batch, metrics
+
+
+def logp_gap(sampler_logps: list[list[float]], trainer_logps: torch.Tensor, mask: torch.Tensor) -> float:
+    """mean |sampler log-prob - trainer log-prob| over completion tokens: the fast sampler's arithmetic
+    (batch shapes, CUDA graph, bf16) against the trainer's scoring of the same weights and tokens."""
+    sampled = torch.zeros_like(trainer_logps)
+    for row, values in enumerate(sampler_logps):
+        sampled[row, : len(values)] = torch.tensor(values, dtype=sampled.dtype)
+    return float(((sampled - trainer_logps).abs() * mask).sum() / mask.sum().clamp(min=1))
 
 
 def _measure(run: RunInputs, model) -> dict:

@@ -1,0 +1,559 @@
+"""Fast generation: every sequence of a call decoded together over a preallocated KV cache, with
+continuous batching and a CUDA-graph-captured decode step (torch and transformers only).
+
+What it does, and why:
+- All `P x G` sequences of a call share one set of cache *slots* (`[layers, slots, kv_heads, max_len, head_dim]`,
+  allocated once; as many slots as a KV-token budget allows). A prompt is prefilled once and its keys and
+  values copied to the slots of its G samples. When a sequence stops, its slot is refilled from the queue at
+  the next check (every `CHECK_EVERY` steps), so early-EOS rows do not hold the batch; once the queue is empty
+  the live sequences are moved into the lowest slots and a graph of a smaller batch takes over.
+- The model is the transformers module itself (the live policy, current weights, LoRA layers active): its
+  attention implementation is switched for the call to `align_fast`, which writes this step's keys and
+  values into the slots and attends over them (`_attention`); everything else (embeddings, rotary
+  positions, MLPs, norms) is the model's own code.
+- The decode step (model forward to the LM head, sampling, bookkeeping) is captured once per batch size
+  as a CUDA graph and replayed, so a step costs one launch instead of ~100 (eager PyTorch was host-bound:
+  4 ms a step at 32 sequences); the host looks at the slots every `CHECK_EVERY` steps.
+- Sampling is exact: temperature, then top-p with transformers' `TopPLogitsWarper` rule, then one draw from the
+  categorical by inverse CDF. The draw's uniform number is a counter-based hash of (seed, prompt index,
+  sample index, position), so a sequence's tokens depend on its seed and index only, never on the batch
+  it ran in or its slot (up to the arithmetic of different batch shapes).
+- It returns each token's log-prob under the sampling distribution and under softmax(z / T) (the
+  quantity the trainer recomputes), so the two sides can be checked against each other.
+
+`blocker(model, processors)` says why a request must take the slow path (transformers `generate`)
+instead: an architecture outside `SUPPORTED_MODEL_TYPES`, sharded parameters (FSDP2 DTensors or DeepSpeed
+ZeRO-3, whose weights exist only gathered inside each module's forward, in lock-step across ranks), a
+generation config that adds processors this path does not run (repetition penalty and the like), or any
+caller's logits processor (APO's extrapolated logits run a second model with a KV cache laid out like
+`generate`'s batch; HAPO's adaptive temperature records per `generate` row): those callers keep
+`generate`. `ALIGN_FAST_GENERATION` picks the default: `auto` (fast on CUDA when not blocked), `1` (also on CPU), `0` (never).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .models import decoder, output_head, unwrap
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+ATTENTION_NAME = "align_fast"
+CHECK_EVERY = 8            # decode steps between looks at which sequences finished (one host sync each)
+PREFILL_TOKENS = 16384     # prompt tokens per prefill forward
+TOP_P_CANDIDATES = 1024    # top-p looks at the top-k first; the full sort runs only when they hold < top_p
+MIN_GRAPH_BATCH = 8
+_MASK32 = 0xFFFFFFFF
+
+# The generation-config fields whose processors `generate` would add and this path does not run, with the
+# value that means "off".
+_UNSUPPORTED_GENERATION_FIELDS = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "bad_words_ids": None, "min_length": 0, "min_new_tokens": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "sequence_bias": None, "exponential_decay_length_penalty": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0, "min_p": None, "diversity_penalty": 0.0,
+}
+
+
+def mode() -> str:
+    value = os.environ.get("ALIGN_FAST_GENERATION", "auto").strip().lower()
+    return {"1": "on", "true": "on", "on": "on", "0": "off", "false": "off", "off": "off"}.get(value, "auto")
+
+
+def _is_sharded(model) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def blocker(model, processors=()) -> str | None:
+    """Why `model` (with these logits processors) cannot take the fast path, or None when it can."""
+    inner = unwrap(model)
+    config = getattr(inner, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    layer_types = getattr(config, "layer_types", None) or []
+    if "sliding_attention" in layer_types or (model_type == "mistral" and getattr(config, "sliding_window", None)):
+        return "sliding-window attention layers"
+    if _is_sharded(inner):
+        return "parameters are sharded (FSDP2 / ZeRO-3): generate gathers them inside each module's forward"
+    generation_config = getattr(inner, "generation_config", None)
+    for field, off in _UNSUPPORTED_GENERATION_FIELDS.items():
+        value = getattr(generation_config, field, off)
+        if value is not None and value != off:
+            return f"generation_config.{field}={value!r} adds a processor the fast path does not run"
+    for processor in processors:
+        return (f"logits processor {type(processor).__name__}: processors see (and HAPO's records) `generate`'s "
+                f"batch rows, which continuous batching does not keep")
+    return None
+
+
+def wanted(model, processors=()) -> bool:
+    """Whether a generating call on `model` takes the fast path by default (`ALIGN_FAST_GENERATION`)."""
+    chosen = mode()
+    if chosen == "off" or blocker(model, processors) is not None:
+        return False
+    device = next(unwrap(model).parameters()).device
+    return chosen == "on" or device.type == "cuda"
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 tensors; products wrap, and the mask keeps the low 32 bits."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def sequence_keys(seed: int, prompt_index: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key per sequence from (seed, prompt index, sample index)."""
+    base = _mix32(torch.full_like(prompt_index, seed & _MASK32) ^ 0x5BD1E995)
+    return _mix32(_mix32(base ^ prompt_index) + sample_index * 0x9E3779B9)
+
+
+def uniforms(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A uniform number in [0, 1) per sequence for the token at `positions` (24 bits, float32)."""
+    bits = _mix32(keys ^ _mix32(positions * 0x85EBCA6B + 0x27D4EB2F))
+    return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """transformers' `TopPLogitsWarper` rule: drop the tokens whose ascending cumulative probability is
+    <= 1 - top_p (the least likely first), keeping at least the most likely one. Looks at the top
+    `TOP_P_CANDIDATES` first; the full-vocabulary sort runs only for a step where they hold < top_p."""
+    if top_p >= 1.0:
+        return logits
+    k = min(TOP_P_CANDIDATES, logits.shape[-1])
+    values, indices = logits.topk(k, dim=-1)
+    log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
+    mass = (values - log_total).exp().cumsum(-1)
+    if k < logits.shape[-1] and bool((mass[:, -1] < top_p).any()):
+        sorted_logits, sorted_indices = torch.sort(logits, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - top_p)
+        remove[..., -1:] = False
+        return logits.masked_fill(remove.scatter(1, sorted_indices, remove), -float("inf"))
+    # Descending rank r is kept iff the mass strictly before it is < top_p (the ascending rule, reversed).
+    before = mass - (values - log_total).exp()
+    keep = before < top_p
+    keep[:, 0] = True
+    filtered = torch.full_like(logits, -float("inf"))
+    return filtered.scatter(1, indices, values.masked_fill(~keep, -float("inf")))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0   # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def sample_tokens(logits: torch.Tensor, sampling: Sampling, keys: torch.Tensor,
+                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next tokens `[B]`, their log-probs under the sampling distribution (top-p included) and under
+    softmax(z / T) (what the trainer scores; untempered when greedy). `logits` `[B, V]` float32 are the
+    model's raw scores."""
+    tempered = logits / sampling.temperature if sampling.temperature > 0 else logits
+    tempered_logps = tempered - torch.logsumexp(tempered, dim=-1, keepdim=True)
+    if sampling.temperature <= 0:
+        tokens = logits.argmax(dim=-1)
+        sampling_logps = torch.zeros_like(tokens, dtype=torch.float32)
+    else:
+        scores = top_p_filter(tempered, sampling.top_p)
+        probabilities = scores.softmax(dim=-1)
+        cdf = probabilities.cumsum(dim=-1)
+        target = uniforms(keys, positions)[:, None] * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+        sampling_logps = probabilities.gather(1, tokens[:, None]).squeeze(1).log()
+    return tokens, sampling_logps, tempered_logps.gather(1, tokens[:, None]).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+class _SlotCache:
+    """Keys and values of every slot, `[layers, slots, kv_heads, max_len, head_dim]`, and what the attention
+    function needs to know about the forward running now."""
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (layers, slots, kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.prefill_slots: torch.Tensor | None = None   # [n]: the slots the prompts of a prefill write to
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)  # decode: where each slot writes
+        self.arange = torch.arange(max_len, device=device)
+
+    def copy_prefix(self, sources: torch.Tensor, targets: torch.Tensor, length: int) -> None:
+        self.keys[:, targets, :, :length] = self.keys[:, sources, :, :length]
+        self.values[:, targets, :, :length] = self.values[:, sources, :, :length]
+
+    def move(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
+        self.keys[:, targets] = self.keys[:, sources]
+        self.values[:, targets] = self.values[:, sources]
+
+
+_ACTIVE: _SlotCache | None = None
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The `align_fast` attention implementation: store this forward's keys and values in the slot cache,
+    attend over what the slots hold. Returns `[B, q, heads, head_dim]` like transformers' implementations."""
+    cache, layer = _ACTIVE, module.layer_idx
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads = key.shape[1]
+    if q_len > 1:  # prefill: right-padded prompts, positions 0..q_len-1, causal inside the chunk
+        slots = cache.prefill_slots
+        cache.keys[layer, slots, :, :q_len] = key
+        cache.values[layer, slots, :, :q_len] = value
+        groups = heads // kv_heads
+        out = F.scaled_dot_product_attention(query, key.repeat_interleave(groups, 1),
+                                             value.repeat_interleave(groups, 1), is_causal=True, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    # decode: one token per slot, written at its position; the query heads of a KV head are laid out as that
+    # head's query "positions", so one memory-efficient kernel reads each slot's keys once.
+    rows = torch.arange(batch, device=query.device)
+    positions = cache.positions[:batch]
+    keys, values = cache.keys[layer, :batch], cache.values[layer, :batch]
+    keys[rows, :, positions] = key[:, :, 0]
+    values[rows, :, positions] = value[:, :, 0]
+    visible = (cache.arange[None, :] <= positions[:, None])[:, None, None, :]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible, scale=scaling)
+    return out.reshape(batch, 1, heads, head_dim), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _attention)
+
+
+@contextlib.contextmanager
+def _fast_attention(model):
+    """The model's attention implementation switched to `align_fast` for the call, restored after."""
+    _register_attention()
+    configs = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
+    configs = list({id(c): c for c in configs}.values())
+    previous = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = ATTENTION_NAME
+        yield
+    finally:
+        for c, value in zip(configs, previous):
+            c._attn_implementation = value
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+@dataclass
+class FastOutput:
+    """Per sequence, prompt-major (sequence `p * G + j` is sample j of prompt p)."""
+
+    tokens: list[list[int]]         # up to and including the first stop token, or max_new_tokens long
+    stopped: list[bool]             # ended on a stop token (False: cut at max_new_tokens)
+    sampling_logps: list[list[float]]
+    tempered_logps: list[list[float]]
+    stats: dict
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def default_kv_budget(config, dtype, device) -> int:
+    """KV tokens to preallocate: on CUDA a third of the free memory (training state and the sampling
+    buffers share the card); on CPU 64k tokens."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free / 3 // kv_bytes_per_token(config, dtype))
+    return 1 << 16
+
+
+class _DecodeStep:
+    """One decode step of slots [0, batch): the model's forward to the logits, then `after(logits)` (sampling
+    and bookkeeping, when they need no host sync). Eager, or captured as a CUDA graph and replayed: a
+    replay launches the whole step at once, where eager PyTorch pays ~100 host-side launches a step.
+    Capture needs warm-up runs; `state` (tensors `after` changes) is put back after each, so they leave no
+    trace (the keys and values they write lie past each slot's position and are overwritten before read)."""
+
+    def __init__(self, body, head, cache: _SlotCache, tokens: torch.Tensor, batch: int, layer_types, graph: bool,
+                 after=None, state=(), pool=None):
+        self.body, self.head, self.cache, self.batch, self.after = body, head, cache, batch, after
+        self.tokens = tokens[:batch]
+        self.masks = {name: None for name in layer_types}
+        self.graph = None
+        if graph:
+            saved = [t.clone() for t in state]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._run()
+                    for t, value in zip(state, saved):
+                        t.copy_(value)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.logits = self._run()
+
+    def _run(self) -> torch.Tensor:
+        positions = self.cache.positions[: self.batch, None]
+        hidden = self.body(input_ids=self.tokens[:, None], position_ids=positions, attention_mask=self.masks,
+                           use_cache=False).last_hidden_state
+        logits = self.head(hidden[:, -1]).float()
+        if self.after is not None:
+            self.after(logits)
+        return logits
+
+    def __call__(self) -> torch.Tensor:
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.logits
+
+
+def _graph_sizes(slots: int) -> list[int]:
+    sizes, size = [], slots
+    while size >= MIN_GRAPH_BATCH:
+        sizes.append(size)
+        size //= 2
+    return sizes or [slots]
+
+
+@torch.no_grad()
+def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tokens: int, sampling: Sampling,
+                  stop_ids, *, kv_token_budget: int | None = None, cuda_graph: bool | None = None,
+                  max_slots: int | None = None, lengths: list[int] | None = None) -> FastOutput:
+    """`num_samples` completions of each prompt (token ids) under `sampling`. `lengths` (benchmarks):
+    per sequence, a number of new tokens after which it ends as if it had sampled a stop token."""
+    global _ACTIVE
+    inner = unwrap(model)
+    config = inner.config
+    body, head = decoder(model), output_head(model)
+    device = next(inner.parameters()).device
+    dtype = head.weight.dtype
+    total = len(prompts) * num_samples
+    if total == 0:
+        return FastOutput([], [], [], [], {})
+    max_prompt = max(len(p) for p in prompts)
+    max_len = -(-(max_prompt + max_new_tokens) // 16) * 16  # mask rows aligned for the fused attention kernels
+    budget = kv_token_budget if kv_token_budget is not None else default_kv_budget(config, dtype, device)
+    slots = max(1, min(total, budget // max_len, max_slots or total))
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    cache = _SlotCache(config.num_hidden_layers, slots, kv_heads, max_len, head_dim, dtype, device)
+    layer_types = sorted(set(getattr(config, "layer_types", None) or ["full_attention"]))
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    caps = torch.full((total,), max_new_tokens, dtype=torch.long)
+    if lengths is not None:
+        caps = torch.tensor(lengths, dtype=torch.long).clamp(1, max_new_tokens)
+
+    all_prompt = torch.arange(total) // num_samples
+    all_keys = sequence_keys(sampling.seed, all_prompt, torch.arange(total) % num_samples).to(device)
+    # per-slot state (device): the sequence it holds, its key, tokens so far, its cap, whether it runs
+    slot_sequence = torch.full((slots,), -1, dtype=torch.long, device=device)
+    slot_key = torch.zeros(slots, dtype=torch.long, device=device)
+    slot_count = torch.zeros(slots, dtype=torch.long, device=device)
+    slot_cap = torch.ones(slots, dtype=torch.long, device=device)
+    slot_live = torch.zeros(slots, dtype=torch.bool, device=device)
+    slot_stopped = torch.zeros(slots, dtype=torch.bool, device=device)
+    last_tokens = torch.zeros(slots, dtype=torch.long, device=device)
+    out_tokens = torch.zeros(slots, max_new_tokens, dtype=torch.long, device=device)
+    out_sampling = torch.zeros(slots, max_new_tokens, dtype=torch.float32, device=device)
+    out_tempered = torch.zeros(slots, max_new_tokens, dtype=torch.float32, device=device)
+    rows = torch.arange(slots, device=device)
+
+    results_tokens: list = [None] * total
+    results_stopped = [False] * total
+    results_sampling: list = [None] * total
+    results_tempered: list = [None] * total
+    pending = list(range(total))  # prompt-major order: a prompt's samples are admitted together
+    free = list(range(slots))
+    held: dict[int, int] = {}     # slot -> sequence (host mirror)
+    stats = {"slots": slots, "prefill_forwards": 0, "decode_steps": 0, "checks": 0, "graphs": 0, "moves": 0}
+
+    def record(sequence_slots: list[int], logits: torch.Tensor) -> None:
+        """Sample the first token of freshly prefilled slots from their prompt's logits `[n, V]`."""
+        index = torch.tensor(sequence_slots, dtype=torch.long, device=device)
+        chosen, s_logp, p_logp = sample_tokens(logits, sampling, slot_key[index], slot_count[index])
+        _store(index, chosen, s_logp, p_logp)
+
+    def _store(index, chosen, s_logp, p_logp) -> None:
+        # Rows that no longer run (finished, free) sample garbage: their outputs stay as they were.
+        live = slot_live[index]
+        where = slot_count[index].clamp(max=max_new_tokens - 1)
+        out_tokens[index, where] = torch.where(live, chosen, out_tokens[index, where])
+        out_sampling[index, where] = torch.where(live, s_logp, out_sampling[index, where])
+        out_tempered[index, where] = torch.where(live, p_logp, out_tempered[index, where])
+        stopped = torch.isin(chosen, stops)
+        slot_stopped[index] = slot_stopped[index] | (stopped & live)
+        slot_count[index] = slot_count[index] + live.long()
+        slot_live[index] = live & ~stopped & (slot_count[index] < slot_cap[index])
+        last_tokens[index] = chosen
+        cache.positions[index] = (cache.positions[index] + live.long()).clamp(max=max_len - 1)
+
+    def admit() -> None:
+        """Fill free slots from the queue: prefill each distinct prompt once, copy it to its samples' slots."""
+        nonlocal free
+        if not pending or not free:
+            return
+        take = pending[: len(free)]
+        del pending[: len(take)]
+        assigned, free = free[: len(take)], free[len(take):]
+        for slot, sequence in zip(assigned, take):
+            held[slot] = sequence
+        index = torch.tensor(assigned, dtype=torch.long, device=device)
+        sequences = torch.tensor(take, dtype=torch.long)
+        slot_sequence[index] = sequences.to(device)
+        slot_key[index] = all_keys[sequences.to(device)]
+        slot_count[index] = 0
+        slot_cap[index] = caps[sequences].to(device)
+        slot_live[index] = True
+        slot_stopped[index] = False
+        groups: dict[int, list[int]] = {}
+        for slot, sequence in zip(assigned, take):
+            groups.setdefault(sequence // num_samples, []).append(slot)
+        order = list(groups)
+        start = 0
+        while start < len(order):  # prefill forwards of at most PREFILL_TOKENS padded tokens
+            width = len(prompts[order[start]])
+            end = start
+            while end < len(order):
+                width_next = max(width, len(prompts[order[end]]))
+                if end > start and width_next * (end - start + 1) > PREFILL_TOKENS:
+                    break
+                width, end = width_next, end + 1
+            chunk = order[start:end]
+            logits = _prefill(chunk, [groups[p][0] for p in chunk], width)
+            first_slots, repeats = [], []
+            for prompt in chunk:
+                targets = groups[prompt]
+                if len(targets) > 1:
+                    cache.copy_prefix(torch.tensor([targets[0]] * (len(targets) - 1), device=device),
+                                      torch.tensor(targets[1:], device=device), len(prompts[prompt]))
+                first_slots.extend(targets)
+                repeats.append(len(targets))
+            # the first sampled token is fed at position len(prompt); `_store` moves each slot one on
+            cache.positions[torch.tensor(first_slots, device=device)] = torch.tensor(
+                [len(prompts[p]) - 1 for p in chunk for _ in groups[p]], device=device)
+            record(first_slots, logits.repeat_interleave(torch.tensor(repeats, device=device), dim=0))
+            start = end
+
+    def _prefill(chunk: list[int], target_slots: list[int], width: int) -> torch.Tensor:
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, prompt in enumerate(chunk):
+            ids[row, : len(prompts[prompt])] = torch.tensor(prompts[prompt])
+        ids = ids.to(device)
+        cache.prefill_slots = torch.tensor(target_slots, dtype=torch.long, device=device)
+        positions = torch.arange(width, device=device)[None, :].expand(len(chunk), -1)
+        hidden = body(input_ids=ids, position_ids=positions, attention_mask={name: None for name in layer_types},
+                      use_cache=False).last_hidden_state
+        last = torch.tensor([len(prompts[p]) - 1 for p in chunk], device=device)
+        stats["prefill_forwards"] += 1
+        return head(hidden[torch.arange(len(chunk), device=device), last]).float()
+
+    def harvest() -> None:
+        """Copy finished slots' outputs to the host and free the slots."""
+        nonlocal free
+        live = slot_live.cpu().tolist()
+        done = [slot for slot in held if not live[slot]]
+        if not done:
+            return
+        index = torch.tensor(done, dtype=torch.long, device=device)
+        counts = slot_count[index].cpu().tolist()
+        stopped = slot_stopped[index].cpu().tolist()
+        tokens = out_tokens[index].cpu()
+        s_logp, p_logp = out_sampling[index].cpu(), out_tempered[index].cpu()
+        for row, slot in enumerate(done):
+            sequence = held.pop(slot)
+            n = counts[row]
+            results_tokens[sequence] = tokens[row, :n].tolist()
+            results_sampling[sequence] = s_logp[row, :n].tolist()
+            results_tempered[sequence] = p_logp[row, :n].tolist()
+            results_stopped[sequence] = bool(stopped[row])
+        free = sorted(free + done)
+
+    def compact(batch: int) -> int:
+        """Move the live slots into [0, n) (queue empty); the smallest graph batch that holds them."""
+        nonlocal free
+        live_slots = sorted(held)
+        size = next(s for s in reversed(sizes) if s >= len(live_slots)) if live_slots else sizes[-1]
+        if size >= batch:
+            return batch
+        movers = [s for s in live_slots if s >= size]
+        targets = [s for s in range(size) if s not in held][: len(movers)]
+        if movers:
+            src = torch.tensor(movers, device=device)
+            dst = torch.tensor(targets, device=device)
+            cache.move(src, dst)
+            for state in (slot_sequence, slot_key, slot_count, slot_cap, slot_live, slot_stopped, last_tokens,
+                          cache.positions, out_tokens, out_sampling, out_tempered):
+                state[dst] = state[src]
+            slot_live[src] = False
+            for a, b in zip(movers, targets):
+                held[b] = held.pop(a)
+            stats["moves"] += len(movers)
+        free = [s for s in range(slots) if s not in held]
+        return size
+
+    def _sample_and_store(batch: int):
+        index = rows[:batch]
+
+        def after(logits):
+            chosen, s_logp, p_logp = sample_tokens(logits, sampling, slot_key[:batch], slot_count[:batch])
+            _store(index, chosen, s_logp, p_logp)
+
+        return after
+
+    state = (slot_count, slot_live, slot_stopped, last_tokens, cache.positions)
+    sizes = _graph_sizes(slots)
+    steps: dict[int, _DecodeStep] = {}
+    pool = torch.cuda.graph_pool_handle() if cuda_graph else None
+    previous, _ACTIVE = _ACTIVE, cache
+    was_training = inner.training
+    inner.eval()
+    try:
+        with _fast_attention(inner):
+            admit()
+            batch = slots
+            while True:
+                harvest()
+                admit()
+                if not held:  # admit leaves nothing pending while slots are free
+                    break
+                if not pending:
+                    batch = compact(batch)
+                if batch not in steps:
+                    # top-p < 1 may need a host-side decision (full sort or not): that step stays eager
+                    capture = cuda_graph and (sampling.temperature <= 0 or sampling.top_p >= 1)
+                    steps[batch] = _DecodeStep(body, head, cache, last_tokens, batch, layer_types, capture,
+                                               _sample_and_store(batch), state, pool)
+                    stats["graphs"] += int(capture)
+                step = steps[batch]
+                for _ in range(CHECK_EVERY):
+                    step()
+                stats["decode_steps"] += CHECK_EVERY
+                stats["checks"] += 1
+    finally:
+        _ACTIVE = previous
+        inner.train(was_training)
+    stats["graph_batches"] = sorted(steps)
+    return FastOutput(results_tokens, results_stopped, results_sampling, results_tempered, stats)
+

@@ -1,0 +1,174 @@
+"""The fast generation path (`align_cli.fast_generation`) on CPU against independent references: greedy
+tokens against plain `generate`, sampled first tokens against the exact tempered top-p softmax, continuous
+batching with early stops against one sequence at a time, seeds per prompt whatever else runs beside it,
+log-probs against the trainer's scoring, and the choice of path (sharded weights, processors, settings)."""
+
+import tempfile
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TopPLogitsWarper
+
+from align_cli import fast_generation
+from align_cli.fast_generation import Sampling, blocker, fast_generate, top_p_filter
+
+VOCAB = 64
+PROMPTS = [[1, 7, 9, 11], [1, 20, 30], [1, 40, 41, 42, 43, 44, 45], [2, 3]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=5, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # sharper logits than the default init, so samples spread unevenly over the vocabulary
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+def test_greedy_matches_generate(model):
+    out = fast_generate(model, PROMPTS, 2, 12, Sampling(0.0), {5}, max_slots=3)
+    for index, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([prompt])
+        reference = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=5, pad_token_id=0)
+        expected = reference[0, len(prompt):].tolist()
+        if 5 in expected:  # generate pads after EOS; ours keeps the sequence up to and including it
+            expected = expected[: expected.index(5) + 1]
+        assert out.tokens[2 * index] == expected and out.tokens[2 * index + 1] == expected
+        assert out.stopped[2 * index] == (expected[-1] == 5)
+
+
+def _exact_first_token(model, prompt, temperature, top_p):
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].float()
+    warped = TopPLogitsWarper(top_p)(None, (logits / temperature)[None])[0]
+    return warped.softmax(-1)
+
+
+def test_sampled_first_tokens_follow_the_tempered_top_p_softmax(model):
+    prompt, temperature, top_p, n = PROMPTS[0], 0.7, 0.9, 6000
+    out = fast_generate(model, [prompt], n, 1, Sampling(temperature, top_p, seed=3), set())
+    counts = torch.bincount(torch.tensor([t[0] for t in out.tokens]), minlength=VOCAB).double()
+    exact = _exact_first_token(model, prompt, temperature, top_p).double()
+    assert counts[exact == 0].sum() == 0  # nothing outside the top-p set
+    total_variation = 0.5 * (counts / n - exact).abs().sum()
+    # sampling noise: E[TV] <= 0.5 * sqrt(support / n) ~ 0.04 here; a wrong temperature is far off
+    wrong = _exact_first_token(model, prompt, 1.0, top_p).double()
+    assert 0.5 * (wrong - exact).abs().sum() > 0.15
+    assert total_variation < 0.07, total_variation
+    # the log-probs returned are those of the distribution each token was drawn from
+    drawn = torch.tensor([t[0] for t in out.tokens])
+    assert torch.allclose(torch.tensor([lp[0] for lp in out.sampling_logps]).double(), exact[drawn].log(), atol=1e-4)
+
+
+def test_top_p_filter_matches_transformers_warper():
+    torch.manual_seed(1)
+    logits = torch.randn(6, 3000) * 3
+    for top_p in (0.3, 0.9, 0.999):
+        reference = TopPLogitsWarper(top_p)(None, logits.clone())
+        assert torch.equal(top_p_filter(logits, top_p).isinf(), reference.isinf())
+    flat = torch.zeros(2, 3000)  # near-uniform: the top-k candidates hold < top_p, the full sort runs
+    assert torch.equal(top_p_filter(flat, 0.9).isinf(), TopPLogitsWarper(0.9)(None, flat.clone()).isinf())
+
+
+def test_continuous_batching_with_early_stops_matches_one_at_a_time(model):
+    stops = set(range(8, 24))  # a quarter of the vocabulary: sequences stop at many different lengths
+    sampling = Sampling(1.0, 1.0, seed=11)
+    together = fast_generate(model, PROMPTS, 4, 40, sampling, stops, max_slots=3)  # slots refilled
+    alone = fast_generate(model, PROMPTS, 4, 40, sampling, stops, max_slots=1)
+    everything = fast_generate(model, PROMPTS, 4, 40, sampling, stops)
+    assert together.tokens == alone.tokens == everything.tokens
+    assert together.stopped == alone.stopped
+    lengths = [len(t) for t in together.tokens]
+    assert len(set(lengths)) >= 4 and any(together.stopped) and min(lengths) < 40
+    for tokens, stopped in zip(together.tokens, together.stopped):
+        assert stopped == (tokens[-1] in stops) and not any(t in stops for t in tokens[:-1])
+    assert together.stats["prefill_forwards"] > 1  # refills happened
+
+
+def test_seeds_are_per_prompt_whatever_runs_beside_it(model):
+    sampling = Sampling(1.0, 0.95, seed=5)
+    base = fast_generate(model, PROMPTS[:3], 3, 16, sampling, {5})
+    more = fast_generate(model, PROMPTS + [[3, 4, 5]], 3, 16, sampling, {5}, max_slots=5)
+    assert more.tokens[:9] == base.tokens
+    other_seed = fast_generate(model, PROMPTS[:3], 3, 16, Sampling(1.0, 0.95, seed=6), {5})
+    assert other_seed.tokens != base.tokens
+    assert len({tuple(t) for t in base.tokens[:3]}) == 3  # the samples of one prompt differ
+
+
+def test_rollouts_fast_path_keeps_stops_and_matches_the_trainer_scores(tiny_model_dir, tokenizer):
+    from align_cli.rl.rollout import generate_rollouts, score, stop_token_ids
+
+    policy = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + 1?"}]} for a in range(3)]
+    kwargs = dict(max_new_tokens=12, temperature=0.8, top_p=1.0, seed=2, batch_size=2)
+    fast = generate_rollouts(policy, tokenizer, rows, 4, fast=True, **kwargs)
+    slow = generate_rollouts(policy, tokenizer, rows, 4, fast=False, **kwargs)
+    assert fast.prompt_ids == slow.prompt_ids and fast.sampler_logps is not None and slow.sampler_logps is None
+    stops = stop_token_ids(policy, tokenizer)
+    for tokens, cut_short in zip(fast.completion_ids, fast.truncated.tolist()):
+        assert cut_short == (tokens[-1] not in stops) and not any(t in stops for t in tokens[:-1])
+        assert cut_short or len(tokens) <= 12
+    trainer, _ = score(policy, fast, tokenizer.pad_token_id, fused=False, with_entropy=False, temperature=0.8)
+    for row, values in enumerate(fast.sampler_logps):
+        assert torch.allclose(torch.tensor(values), trainer[row, : len(values)], atol=1e-4)
+    assert fast.select([1, 0]).sampler_logps == [fast.sampler_logps[1], fast.sampler_logps[0]]
+
+
+def test_engine_generate_fast_matches_generate_greedy(tiny_model_dir, tokenizer):
+    from align_cli.generation import SamplingSettings, generate
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    prompts = [[{"role": "user", "content": "What is 2 + 3?"}], "Plain text prompt:", "Another, longer plain prompt"]
+    settings = SamplingSettings(max_new_tokens=8, batch_size=2)
+    assert generate(model, tokenizer, prompts, settings, "Be brief.", fast=True) == \
+        generate(model, tokenizer, prompts, settings, "Be brief.", fast=False)
+
+
+def test_the_path_each_request_takes(model, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from align_cli.rl.temperature import AdaptiveTemperature
+
+    assert blocker(model) is None
+    assert "model type 'gpt2'" in blocker(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)))
+    assert "AdaptiveTemperature" in blocker(model, [AdaptiveTemperature(None, 0.1)])
+    model.generation_config.repetition_penalty = 1.1
+    try:
+        assert "repetition_penalty" in blocker(model)
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+    monkeypatch.setenv("ALIGN_FAST_GENERATION", "auto")
+    assert fast_generation.wanted(model) == torch.cuda.is_available()
+    monkeypatch.setenv("ALIGN_FAST_GENERATION", "1")
+    assert fast_generation.wanted(model)
+    monkeypatch.setenv("ALIGN_FAST_GENERATION", "0")
+    assert not fast_generation.wanted(model)
+
+
+def test_sharded_weights_take_the_slow_path(tiny_model_dir, tokenizer):
+    """FSDP2 on one CPU rank (gloo): parameters are DTensors, so rollouts go through `generate`, whose module
+    hooks gather them, even when the fast path is asked for."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from align_cli.rl.rollout import generate_rollouts
+
+    store = tempfile.NamedTemporaryFile(delete=False)
+    dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+    try:
+        policy = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in policy.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(policy, mesh=mesh)
+        assert "sharded" in blocker(policy)
+        rows = [{"prompt": "Count: one, two,"}]
+        rollouts = generate_rollouts(policy, tokenizer, rows, 2, max_new_tokens=4, temperature=1.0, top_p=1.0,
+                                     seed=0, batch_size=1, fast=True)
+        assert len(rollouts) == 2 and rollouts.sampler_logps is None  # the slow path served it
+    finally:
+        dist.destroy_process_group()
