@@ -415,12 +415,12 @@ def _open(run_dir: Path, recipe_text: str, resume: bool, overwrite: bool, allow_
             if marker is not None and not started:
                 raise UserError(f"--resume: '{run_dir}' holds no run to resume (no {marker}). Run without --resume "
                                 f"to start.")
-            if marker is None:
-                if not list_checkpoints(run_dir):
-                    raise UserError(f"--resume: '{run_dir}' has no checkpoint to resume from. Run without --resume "
-                                    f"to start.")
-                _resumable_checkpoint(run_dir)
+            if marker is None and not list_checkpoints(run_dir):
+                raise UserError(f"--resume: '{run_dir}' has no checkpoint to resume from. Run without --resume "
+                                f"to start.")
             check_recipe_change(run_dir, recipe_text, allow_recipe_change)
+            if marker is None:  # after the recipe check: a refused resume removes nothing
+                _resumable_checkpoint(run_dir)
         return OpenRun(run_dir, lock, created, overwrite and started and not resume, recipe_text)
     except BaseException:
         release_lock(lock)
