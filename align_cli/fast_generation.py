@@ -47,6 +47,7 @@ CHECK_EVERY = 8            # decode steps between looks at which sequences finis
 PREFILL_TOKENS = 16384     # prompt tokens per prefill forward
 TOP_P_CANDIDATES = 1024    # top-p looks at the top-k first; the full sort runs only when they hold < top_p
 MIN_GRAPH_BATCH = 8
+CDF_CHUNK = 512            # tokens per chunk of the two-level inverse CDF (`inverse_cdf`)
 _MASK32 = 0xFFFFFFFF
 
 # The generation-config fields whose processors `generate` would add and this path does not run, with the
@@ -153,6 +154,26 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return filtered.scatter(1, indices, values.masked_fill(~keep, -float("inf")))
 
 
+def inverse_cdf(probabilities: torch.Tensor, u: torch.Tensor, chunk: int = CDF_CHUNK) -> torch.Tensor:
+    """Per row, the first token whose cumulative probability exceeds `u * total`: a draw from the
+    categorical. In two levels, chunk sums then one chunk's scan, because a scan along a 150k-token row is a
+    long serial chain on the GPU (measured ~3 ms a step, whatever the batch) while these are short ones."""
+    rows, vocabulary = probabilities.shape
+    chunks = -(-vocabulary // chunk)
+    padded = F.pad(probabilities, (0, chunks * chunk - vocabulary)).view(rows, chunks, chunk)
+    sums = padded.sum(-1)                                      # [rows, chunks]
+    chunk_cdf = sums.cumsum(-1)
+    target = u[:, None] * chunk_cdf[:, -1:]
+    # a chunk with mass: the first whose cumulative sum exceeds the target (never an empty one)
+    which = torch.searchsorted(chunk_cdf, target, right=True).clamp_(max=chunks - 1)
+    residual = target - (chunk_cdf.gather(1, which) - sums.gather(1, which))
+    inside = padded.gather(1, which[:, :, None].expand(-1, -1, chunk)).squeeze(1).cumsum(-1)
+    # rounding may put the residual at or past the chunk's own total: stay below it, on a token with mass
+    residual = torch.minimum(residual.clamp(min=0), torch.nextafter(inside[:, -1:], torch.zeros_like(inside[:, -1:])))
+    offset = torch.searchsorted(inside, residual, right=True).clamp_(max=chunk - 1)
+    return (which * chunk + offset).squeeze(1).clamp_(max=vocabulary - 1)
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0   # 0: greedy
@@ -173,9 +194,7 @@ def sample_tokens(logits: torch.Tensor, sampling: Sampling, keys: torch.Tensor,
     else:
         scores = top_p_filter(tempered, sampling.top_p)
         probabilities = scores.softmax(dim=-1)
-        cdf = probabilities.cumsum(dim=-1)
-        target = uniforms(keys, positions)[:, None] * cdf[:, -1:]
-        tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+        tokens = inverse_cdf(probabilities, uniforms(keys, positions))
         sampling_logps = probabilities.gather(1, tokens[:, None]).squeeze(1).log()
     return tokens, sampling_logps, tempered_logps.gather(1, tokens[:, None]).squeeze(1)
 
@@ -296,7 +315,7 @@ class _DecodeStep:
         self.body, self.head, self.cache, self.batch, self.after = body, head, cache, batch, after
         self.tokens = tokens[:batch]
         self.masks = {name: None for name in layer_types}
-        self.graph = None
+        self.graph, self.error = None, None
         if graph:
             saved = [t.clone() for t in state]
             stream = torch.cuda.Stream()
@@ -307,9 +326,12 @@ class _DecodeStep:
                     for t, value in zip(state, saved):
                         t.copy_(value)
             torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.logits = self._run()
+            try:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, pool=pool):
+                    self.logits = self._run()
+            except RuntimeError as error:  # a model whose forward cannot be captured still runs, eagerly
+                self.graph, self.error = None, f"{type(error).__name__}: {error}"[:200]
 
     def _run(self) -> torch.Tensor:
         positions = self.cache.positions[: self.batch, None]
@@ -545,7 +567,9 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
                     capture = cuda_graph and (sampling.temperature <= 0 or sampling.top_p >= 1)
                     steps[batch] = _DecodeStep(body, head, cache, last_tokens, batch, layer_types, capture,
                                                _sample_and_store(batch), state, pool)
-                    stats["graphs"] += int(capture)
+                    stats["graphs"] += int(steps[batch].graph is not None)
+                    if steps[batch].error:
+                        stats["graph_error"] = steps[batch].error
                 step = steps[batch]
                 for _ in range(CHECK_EVERY):
                     step()

@@ -134,11 +134,15 @@ def greedy_agreement(model, prompts: int = 16, new_tokens: int = 64) -> dict:
     reference = model.generate(torch.tensor(ids, device="cuda"), max_new_tokens=new_tokens, do_sample=False,
                                pad_token_id=EOS, eos_token_id=None)[:, PROMPT:].tolist()
     ours_tokens = fast_generate(model, ids, 1, new_tokens, Sampling(0.0), set()).tokens
+    half = model.generate(torch.tensor(ids[: len(ids) // 2], device="cuda"), max_new_tokens=new_tokens,
+                          do_sample=False, pad_token_id=EOS, eos_token_id=None)[:, PROMPT:].tolist()
+    self_agreement = sum(a == b for a, b in zip(half, reference)) / len(half)
     prefix = []
     for a, b in zip(reference, ours_tokens):
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
         prefix.append(same / len(a))
-    return {"identical": sum(p == 1.0 for p in prefix) / len(prefix), "mean_prefix": sum(prefix) / len(prefix)}
+    return {"identical": sum(p == 1.0 for p in prefix) / len(prefix), "mean_prefix": sum(prefix) / len(prefix),
+            "generate_identical_at_half_the_batch": self_agreement}
 
 
 def timed(fn):
