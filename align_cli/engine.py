@@ -3,13 +3,17 @@
 
 Two backends, one interface (`engine.generate(prompts, settings)` -> for each prompt, its
 `settings.num_samples` decoded completions, special tokens removed):
-- `TransformersEngine`: transformers `generate` with the KV cache (`generation.generate`), on any device,
-  around a model already in memory (the live policy of a run) or loaded from a directory;
+- `TransformersEngine`: `generation.generate` around a model already in memory (the live policy of a run)
+  or loaded from a directory: on CUDA the fast path (`align_cli.fast_generation`: all prompts x samples in
+  one call, continuous batching over preallocated KV slots, a CUDA-graph decode step), elsewhere and for
+  what that path cannot run (APO's processor factory, sharded weights, ...) transformers `generate` with the
+  KV cache (docs/generation.md);
 - `VLLMEngine`: vLLM, when it is installed and a CUDA GPU is present (`engine: auto` picks it, `vllm`
   insists), from a model directory.
 Both render prompts with the same chat template (`generation.render_prompts`) and hand vLLM token ids, so
 the two see identical inputs. Online RL keeps the transformers backend: its rollouts need the policy's
-weights of every step, and moving them into a vLLM engine each step is not implemented.
+weights of every step (the fast path samples the live module itself), and moving them into a vLLM engine each
+step is not implemented.
 """
 
 from __future__ import annotations
