@@ -7,6 +7,7 @@ import tempfile
 
 import pytest
 import torch
+from test_rl_trainer import rl_recipe  # noqa: F401 - the online-RL recipe fixture
 from transformers import LlamaConfig, LlamaForCausalLM, TopPLogitsWarper
 
 from align_cli import fast_generation
@@ -188,3 +189,38 @@ def test_two_level_inverse_cdf_is_the_full_inverse_cdf():
     assert (drawn == reference).float().mean() >= 0.99  # float32 sums may move a draw lying on a boundary
     assert bool((probabilities.gather(1, drawn[:, None]) > 0).all())
     assert inverse_cdf(torch.tensor([[0.0, 0.0, 1.0, 0.0]]), torch.tensor([0.999999]), chunk=2).item() == 2
+
+
+def test_lora_policy_greedy_matches_generate(model):
+    """A LoRA-wrapped policy (the online-RL setup with peft): the adapters' current weights are sampled."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(4)
+    policy = get_peft_model(LlamaForCausalLM(model.config).eval(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                              init_lora_weights=False))
+    assert blocker(policy) is None
+    out = fast_generate(policy, PROMPTS[:2], 1, 8, Sampling(0.0), {5})
+    for index, prompt in enumerate(PROMPTS[:2]):
+        ids = torch.tensor([prompt])
+        reference = policy.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=5, pad_token_id=0)
+        expected = reference[0, len(prompt):].tolist()
+        assert out.tokens[index] == (expected[: expected.index(5) + 1] if 5 in expected else expected)
+    with policy.disable_adapter():  # the adapters matter: without them the tokens differ
+        assert fast_generate(policy, PROMPTS[:2], 1, 8, Sampling(0.0), {5}).tokens != out.tokens
+
+
+def test_online_run_on_the_fast_path_logs_the_sampler_gap(rl_recipe, tmp_path, monkeypatch, capsys):
+    """An online GRPO run with the fast path forced on CPU: rollouts and the task evaluation take it, and the
+    trainer's pi_old scores match the sampler's log-probs of the same tokens (float32)."""
+    import json
+
+    from conftest import align
+
+    monkeypatch.setenv("ALIGN_FAST_GENERATION", "1")
+    monkeypatch.chdir(tmp_path)
+    path = rl_recipe(passes=2)
+    code, _, err = align(monkeypatch, capsys, "train", str(path))
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) == 2 and all(r["generation/logp_gap"] < 1e-4 for r in train)
