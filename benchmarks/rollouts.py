@@ -11,7 +11,8 @@ almost never samples EOS, so with `--spread 1` every sequence gets a length draw
 (a Beta(1.5, 2.5) fraction of the maximum, 15% left to run to it) at which EOS is forced: through a logits
 processor on the transformers paths, through `lengths` on ours. Generated tokens count each completion up
 to and including its EOS. Each (method, case) runs once untimed (compilation, graph capture) when
-`--warmup` says so, then once timed.
+`--warmup` says so, then `--repeats` times timed (the median is reported). `ours` is the uncompiled decode
+step, `ours_compiled` the one compiled before capture (its warm-up's stats hold the compile seconds).
 """
 
 from __future__ import annotations
@@ -118,10 +119,11 @@ def hf_continuous(model, prompts, lengths, new_tokens) -> int:
     return sum(len(r.generated_tokens) for r in results.values())
 
 
-def ours(model, prompts, lengths, new_tokens) -> tuple[int, dict]:
+def ours(model, prompts, lengths, new_tokens, compiled: bool = False) -> tuple[int, dict]:
     from align_cli.fast_generation import Sampling, fast_generate
 
-    out = fast_generate(model, prompts, GROUP, new_tokens, Sampling(1.0, 1.0, 0), {EOS}, lengths=lengths)
+    out = fast_generate(model, prompts, GROUP, new_tokens, Sampling(1.0, 1.0, 0), {EOS}, lengths=lengths,
+                        compile_step=compiled)
     return sum(len(t) for t in out.tokens), out.stats
 
 
@@ -157,7 +159,7 @@ def timed(fn):
     return result, time.perf_counter() - start, (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
-def run_case(model, method, sequences, new_tokens, spread, warmup):
+def run_case(model, method, sequences, new_tokens, spread, warmup, repeats: int = 1):
     prompts, lengths = workload(sequences, new_tokens, spread)
     call = {
         "today": lambda: (hf_generate(model, prompts, lengths, new_tokens, TODAY_SEQUENCES), {}),
@@ -165,12 +167,21 @@ def run_case(model, method, sequences, new_tokens, spread, warmup):
         "static_compile": lambda: (hf_generate(model, prompts, lengths, new_tokens, sequences, static=True), {}),
         "hf_cb": lambda: (hf_continuous(model, prompts, lengths, new_tokens), {}),
         "ours": lambda: ours(model, prompts, lengths, new_tokens),
+        # the decode step compiled (inductor) before capture; the warm-up run pays the compilation
+        "ours_compiled": lambda: ours(model, prompts, lengths, new_tokens, compiled=True),
     }[method]
+    case = {}
     if warmup:
-        timed(call)
-    (tokens, stats), seconds, peak = timed(call)
-    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-            "peak_extra_gib": round(peak, 2), "stats": stats}
+        (_, warm_stats), warm_seconds, _ = timed(call)
+        case["warmup_seconds"] = round(warm_seconds, 3)
+        case["warmup_stats"] = warm_stats
+    runs = [timed(call) for _ in range(repeats)]
+    rates = sorted(tokens / seconds for (tokens, _), seconds, _ in runs)
+    (tokens, stats), seconds, peak = runs[-1]
+    case.update({"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(rates[len(rates) // 2], 1),
+                 "tokens_per_s_runs": [round(tokens / s, 1) for (tokens, _), s, _ in runs],
+                 "peak_extra_gib": round(peak, 2), "stats": stats})
+    return case
 
 
 def grpo_step(model, sequences: int, new_tokens: int, micro_batch: int = 64) -> dict:
@@ -230,12 +241,13 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["0.5b"])
     parser.add_argument("--sequences", nargs="+", type=int, default=[32, 128, 512])
     parser.add_argument("--new-tokens", nargs="+", type=int, default=[256])
-    parser.add_argument("--methods", nargs="+", default=["today", "plain", "static_compile", "hf_cb", "ours"])
+    parser.add_argument("--methods", nargs="+", default=["today", "plain", "static_compile", "hf_cb", "ours", "ours_compiled"])
     parser.add_argument("--spread", nargs="+", type=int, default=[0])
     parser.add_argument("--only", nargs="*", default=[], help="method:sequences:new_tokens limits for slow methods")
     parser.add_argument("--grpo", action="store_true")
     parser.add_argument("--check", action="store_true", help="greedy agreement of ours with generate first")
-    parser.add_argument("--warmup", nargs="*", default=["static_compile", "hf_cb", "ours"])
+    parser.add_argument("--warmup", nargs="*", default=["static_compile", "hf_cb", "ours", "ours_compiled"])
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (tokens_per_s: their median)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip cases once this much time has passed")
     parser.add_argument("--name", default="rollouts-h200.json")
     args = parser.parse_args()
@@ -269,7 +281,7 @@ def main() -> None:
                                 "spread": bool(spread)}
                         try:
                             case.update(run_case(model, method, sequences, new_tokens, bool(spread),
-                                                 method in args.warmup))
+                                                 method in args.warmup, args.repeats))
                         except Exception as error:  # record what failed and go on: one lease, many cases
                             case["error"] = f"{type(error).__name__}: {str(error)[:300]}"
                         print(json.dumps(case), flush=True)

@@ -224,3 +224,55 @@ def test_online_run_on_the_fast_path_logs_the_sampler_gap(rl_recipe, tmp_path, m
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     assert len(train) == 2 and all(r["generation/logp_gap"] < 1e-4 for r in train)
+
+
+def _dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_decode_step_gives_the_uncompiled_tokens_and_is_reused_across_calls(model):
+    # aot_eager: dynamo's trace and AOTAutograd's functionalisation of the in-place slot writes (what decides
+    # the tokens), without inductor's minutes of C++ compilation on a CPU
+    compiled = fast_generation.Compile(backend="aot_eager")
+    stops = set(range(5, VOCAB, 4))
+    for sampling in (Sampling(0.0), Sampling(1.0, 1.0, seed=4)):
+        eager = fast_generate(model, PROMPTS, 3, 20, sampling, stops, max_slots=5, compile_step=False)
+        out = fast_generate(model, PROMPTS, 3, 20, sampling, stops, max_slots=5, compile_step=compiled)
+        assert out.stats["compiled"] >= 1 and "compile_error" not in out.stats and "compiled" not in eager.stats
+        assert out.tokens == eager.tokens and out.stopped == eager.stopped
+        assert max(abs(a - b) for x, y in zip(out.tempered_logps, eager.tempered_logps)
+                   for a, b in zip(x, y)) < 1e-5
+        graphs = _dynamo_graphs()
+        again = fast_generate(model, PROMPTS, 3, 20, sampling, stops, max_slots=5, compile_step=compiled)
+        assert again.tokens == eager.tokens and _dynamo_graphs() == graphs  # new slots, closures: no recompile
+
+
+def test_a_decode_step_that_fails_to_compile_runs_uncompiled(model):
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("no compiler on this machine")
+
+    sampling = Sampling(1.0, 1.0, seed=2)
+    eager = fast_generate(model, PROMPTS, 2, 10, sampling, {5}, compile_step=False)
+    out = fast_generate(model, PROMPTS, 2, 10, sampling, {5}, compile_step=fast_generation.Compile(broken_backend))
+    assert "no compiler on this machine" in out.stats["compile_error"] and out.stats["compiled"] == 0
+    assert out.tokens == eager.tokens and out.sampling_logps == eager.sampling_logps
+
+
+@pytest.mark.slow
+def test_inductor_compiled_greedy_decode_gives_the_uncompiled_tokens():
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         eos_token_id=5, pad_token_id=0)
+    tiny = LlamaForCausalLM(config).eval()
+    eager = fast_generate(tiny, PROMPTS, 1, 8, Sampling(0.0), set(), compile_step=False)
+    out = fast_generate(tiny, PROMPTS, 1, 8, Sampling(0.0), set(), compile_step=True)  # inductor, C++ on CPU
+    assert out.stats["compiled"] == 1 and out.tokens == eager.tokens
+
+
+def test_compile_setting_from_the_environment(monkeypatch):
+    for value, expected in (("0", "off"), ("1", "on"), ("auto", "auto"), ("", "auto")):
+        monkeypatch.setenv("ALIGN_FAST_COMPILE", value)
+        assert fast_generation.compile_mode() == expected
