@@ -48,9 +48,9 @@ def train(
     """Train a model as the recipe says."""
     import json
 
+    from .methods import METHODS
     from .recipe import load_recipe
     from .trainer import Interrupted
-    from .trainer import train as run_training
 
     loaded, path = load_recipe(recipe, set_)
     if accelerate_config:  # validated above; now the same command once per process
@@ -60,14 +60,8 @@ def train(
                 *(["--output-dir", output_dir] if output_dir else []), *(["--resume"] if resume else []),
                 *(["--overwrite"] if overwrite else []), *(["--allow-recipe-change"] if allow_recipe_change else [])]
         raise typer.Exit(relaunch(accelerate_config, num_processes, argv))
-    if loaded.method.name == "grpo":  # online RL has its own loop
-        from .rl.trainer import train_rl as run_training
-    if loaded.method.name in ("apo", "curry_dpo"):  # iterative loops around the pairwise trainer
-        from .iterative import METHODS
-
-        run_training = METHODS[loaded.method.name]
     try:
-        summary = run_training(loaded, path, output_dir, resume, overwrite, allow_recipe_change=allow_recipe_change)
+        summary = METHODS[loaded.method.name].run(loaded, path, output_dir, resume, overwrite, allow_recipe_change=allow_recipe_change)
     except Interrupted as stop:
         from .distributed import launch_options_to_resume
 

@@ -12,6 +12,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .methods import METHOD_NAMES, METHODS
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -365,7 +367,7 @@ class CurryConfig(SamplingConfig):
 
 
 class MethodConfig(Section):
-    name: Literal["dpo", "tpo", "srpo", "grpo", "apo", "curry_dpo"] = Field(
+    name: Literal[METHOD_NAMES] = Field(  # align_cli/methods.py: METHODS
         "dpo", description="Training method; all three run the same offline pairwise trainer. `dpo`: any pairwise loss "
                            "(dpo, ipo, fdpo, ...). `tpo`: triple data (gold, chosen, rejected), reference-free. `srpo`: "
                            "pairs plus self-revision sequences, and revision evaluation. Without `losses`, the loss of "
@@ -383,18 +385,20 @@ class MethodConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _default_loss_of_method(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "losses" not in data and data.get("name") in ("tpo", "srpo", "grpo"):
+        method = METHODS.get(data.get("name")) if isinstance(data, dict) and isinstance(data.get("name"), str) else None
+        if method is not None and method.default_loss and "losses" not in data:
             return {**data, "losses": [{"name": data["name"]}]}
         return data
 
     @model_validator(mode="after")
     def _check_rl_losses(self) -> "MethodConfig":
         rl_terms = [term.name for term in self.losses if term.name in RL_LOSS_NAMES]
-        if self.name == "grpo" and (len(self.losses) != 1 or not rl_terms):
-            raise ValueError(f"method grpo takes exactly one loss term, one of {', '.join(RL_LOSS_NAMES)}; "
+        online = [name for name, method in METHODS.items() if method.online_rl]
+        if METHODS[self.name].online_rl and (len(self.losses) != 1 or not rl_terms):
+            raise ValueError(f"method {self.name} takes exactly one loss term, one of {', '.join(RL_LOSS_NAMES)}; "
                              f"got {[term.name for term in self.losses]}")
-        if self.name != "grpo" and rl_terms:
-            raise ValueError(f"losses {rl_terms} are online RL losses: use them with method.name: grpo")
+        if not METHODS[self.name].online_rl and rl_terms:
+            raise ValueError(f"losses {rl_terms} are online RL losses: use them with method.name: {' or '.join(online)}")
         return self
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from .config import LossTerm, Recipe
 from .errors import UserError
+from .methods import METHODS
 
 LOSSES_HINT = "see `align recipes show --schema` for every key"
 
@@ -207,14 +208,12 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[
 
 
 def _check_method(recipe: Recipe, source: str) -> None:
-    """What no single key shows: APO with a loss that needs the normalised anchor samples from the policy."""
-    if recipe.method.name == "apo":
-        from .iterative.apo import require_estimable_normaliser
-
-        try:
-            require_estimable_normaliser(recipe)
-        except UserError as error:
-            raise UserError(f"{source}: {error}") from None
+    """What no single key shows (each method's `recipe_check`, e.g. APO with a loss that needs the normalised
+    anchor samples from the policy)."""
+    try:
+        METHODS[recipe.method.name].check(recipe)
+    except UserError as error:
+        raise UserError(f"{source}: {error}") from None
 
 
 def schema_text() -> str:

@@ -43,6 +43,7 @@ from .checkpoint import (
     remove_tree,
 )
 from .errors import UserError
+from .methods import METHODS
 
 LOCK_FILE = "run.lock"
 RECIPE_FILE = "recipe.yaml"
@@ -326,7 +327,8 @@ def recipe_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
 def _schedule_ignores_total(recipe: dict) -> bool:
     training, method = recipe.get("training", {}), recipe.get("method", {})
     warmup_fixed = training.get("warmup_steps", 0) > 0 or training.get("warmup_ratio", 0) == 0
-    d3s = method.get("name") == "grpo" and method.get("rl", {}).get("d3s", {}).get("enabled", False)
+    online_rl = getattr(METHODS.get(str(method.get("name"))), "online_rl", False)
+    d3s = online_rl and method.get("rl", {}).get("d3s", {}).get("enabled", False)
     return training.get("lr_scheduler") in ("constant", "constant_with_warmup") and warmup_fixed and not d3s
 
 
