@@ -25,6 +25,7 @@ from .divergence import CollapseMonitor, DivergenceGuard, TrainingDiverged, grad
 from .errors import UserError
 from .evaluation import evaluate_pairs, task_accuracy
 from .logprobs import sequence_logps
+from .methods import METHODS
 from .metrics import MetricsLog, progress_bar
 from .objective import Objective
 from .reference import CachedReference, LiveReference, cache_key, cached_or_computed, model_identity
@@ -147,7 +148,7 @@ def _measure(run: RunInputs, model, objective, reference) -> dict:
     if run.task_rows:
         results.update(task_accuracy(model, run.tokenizer, run.task_rows, recipe.evaluation.max_new_tokens,
                                      recipe.evaluation.batch_size, recipe.data.system_prompt))
-        if recipe.method.name == "srpo" and recipe.method.srpo.revisions:
+        if METHODS[recipe.method.name].revision_evaluation and recipe.method.srpo.revisions:
             from .srpo import Templates, revision_evaluation
 
             srpo = recipe.method.srpo

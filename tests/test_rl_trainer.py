@@ -307,3 +307,13 @@ def test_plot_overlays_runs(tmp_path, monkeypatch, capsys):
     assert code == 2 and "no/such" in err
     code, _, err = align(monkeypatch, capsys, "plot", str(tmp_path), "--metric", "loss", "--output", str(png))
     assert code == 2 and "metrics.jsonl" in err
+
+
+def test_the_loss_declares_the_entropy_signal_it_needs():
+    """The loop computes HAPO's entropy signal (and applies HAPO's preset) for a loss that takes
+    `token_entropy_signal`, whatever its name."""
+    from align_cli.losses import LOSSES
+
+    from align_cli.rl.trainer import takes_entropy_signal
+
+    assert {name for name in ("grpo", "dapo", "gspo", "hapo") if takes_entropy_signal(LOSSES[name])} == {"hapo"}

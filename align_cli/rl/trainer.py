@@ -28,7 +28,7 @@ from ..config import Recipe
 from ..divergence import CollapseMonitor, DivergenceGuard
 from ..errors import UserError
 from ..evaluation import task_accuracy
-from ..losses import LOSSES, hyperparameters
+from ..losses import LOSSES, hyperparameters, tensor_inputs
 from ..losses.d3s import d3s_schedule
 from ..losses.hapo import EntropyStats, entropy_signal
 from ..losses.rl import AGGREGATIONS
@@ -83,7 +83,8 @@ def loss_settings(recipe: Recipe) -> tuple[str, Callable, dict, str]:
     """The policy loss term: name, function, hyperparameters (recipe over defaults), aggregation."""
     term = recipe.method.losses[0]
     function = LOSSES[term.name]
-    preset = recipe.method.rl.hapo.settings.loss_defaults if term.name == "hapo" else {}  # method.rl.hapo.preset
+    # method.rl.hapo.preset also sets the clip ranges of the loss that HAPO's entropy signal drives.
+    preset = recipe.method.rl.hapo.settings.loss_defaults if takes_entropy_signal(function) else {}
     params = {**hyperparameters(function), **preset, **term.params}
     if params["aggregation"] not in AGGREGATIONS:
         raise UserError(f"method.losses[0].aggregation: '{params['aggregation']}' is not one of {', '.join(AGGREGATIONS)}.")
@@ -91,6 +92,12 @@ def loss_settings(recipe: Recipe) -> tuple[str, Callable, dict, str]:
         raise UserError(f"method.losses[0].dual_clip: {params['dual_clip']} must be > 1 (dual-clip PPO's cap c on "
                         f"-A*r for negative advantages; null turns it off).")
     return term.name, function, params, params["aggregation"]
+
+
+def takes_entropy_signal(loss_function: Callable) -> bool:
+    """Whether the loss takes HAPO's per-token entropy signal (a `token_entropy_signal` input), which the loop
+    then computes from the sampled tokens' entropies."""
+    return "token_entropy_signal" in tensor_inputs(loss_function)
 
 
 def total_steps(recipe: Recipe, num_prompts: int, world_size: int) -> int:
@@ -244,7 +251,8 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
                          allow_recipe_change=allow_recipe_change)
     accelerator = run.accelerator
     rewards = WeightedRewards(rl.rewards)
-    needs_entropy = rl.d3s.enabled or loss_name == "hapo"  # adaptive temperature: recorded while sampling
+    signal_to_loss = takes_entropy_signal(loss_function)
+    needs_entropy = rl.d3s.enabled or signal_to_loss  # adaptive temperature: recorded while sampling
     updates_per_step = rl.passes * rl.mini_batches
     order = PromptOrder(len(run.train_data), training.seed, accelerator.num_processes, accelerator.process_index)
     steps = total_steps(recipe, len(run.train_data), accelerator.num_processes)
@@ -302,7 +310,7 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
                 progress_fraction = (state["step"] - 1) / max(1, steps - 1)
                 batch, batch_metrics = build_train_batch(model, run, rollouts, group_rewards, progress_fraction,
                                                          needs_entropy, updates_per_step > 1, state,
-                                                         signal_to_loss=loss_name == "hapo")
+                                                         signal_to_loss=signal_to_loss)
                 metrics.update(batch_metrics)
                 updates = optimise(
                     model, batch, loss_function=loss_function, params=params, weight=recipe.method.losses[0].weight,
