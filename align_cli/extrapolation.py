@@ -31,20 +31,16 @@ from transformers import LogitsProcessor
 from .models import freeze, load_causal_lm
 from .reference import LiveReference, cache_key, cached_or_computed, model_identity
 
-# Losses that see the reference only through `ref_chosen - ref_rejected` of one prompt: a per-prompt shift of
-# the reference (the anchor's missing -log Z(x)) leaves them unchanged. Every other loss with a reference
-# needs the normalised anchor (an unknown loss is assumed to need it).
-MARGIN_ONLY_LOSSES = frozenset({"dpo", "cdpo", "rdpo", "hinge"})
-
 
 def needs_normalised_anchor(terms) -> list[str]:
-    """The names of the recipe's loss terms (`LossTerm`s) that a per-prompt shift of the reference changes."""
-    from .losses import LOSSES, needs_reference
+    """The names of the recipe's loss terms (`LossTerm`s) that a per-prompt shift of the reference (the anchor's
+    missing -log Z(x)) changes: every loss with a reference that does not declare it sees only the reference
+    margin of one prompt (losses.reference_margin_only)."""
+    from .losses import LOSSES, needs_reference, reference_margin_only
 
     def shift_invariant(term) -> bool:
-        if not needs_reference(LOSSES[term.name]) or term.name in MARGIN_ONLY_LOSSES:
-            return True
-        return term.name == "fdpo" and term.params.get("divergence", "reverse_kl") == "reverse_kl"
+        function = LOSSES[term.name]
+        return not needs_reference(function) or reference_margin_only(function, term.params)
 
     return [term.name for term in terms if not shift_invariant(term)]
 

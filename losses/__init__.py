@@ -80,6 +80,14 @@ def needs_reference(function: Callable) -> bool:
     return any(name.startswith("ref_") for name in tensor_inputs(function))
 
 
+def reference_margin_only(function: Callable, params: dict) -> bool:
+    """Whether the loss, with these hyperparameters, sees the reference only through `ref_chosen - ref_rejected`
+    of one prompt (a per-prompt shift of the reference leaves it unchanged). A loss declares it as a
+    `reference_margin_only` attribute, True or a function of its hyperparameters; undeclared: False."""
+    declared = getattr(function, "reference_margin_only", False)
+    return bool(declared(params) if callable(declared) else declared)
+
+
 # Importing the modules fills the registry.
 from . import d3s, dpo, fdpo, hapo, rl, sppo, srpo, tpo  # noqa: E402,F401  # noqa: E402,F401
 from .d3s import d3s_schedule, max_variance_subset, select_samples, select_tokens  # noqa: E402,F401

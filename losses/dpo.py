@@ -116,6 +116,11 @@ def hinge(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: flo
     return loss, preference_metrics(beta, chosen, rejected, policy_chosen, policy_rejected)
 
 
+# These see the reference only through the margin `ref_chosen - ref_rejected` of one prompt, so a per-prompt
+# shift of the reference (APO's unnormalised anchor) leaves them unchanged (`reference_margin_only`).
+for _margin_loss in (dpo, cdpo, rdpo, hinge):
+    _margin_loss.reference_margin_only = True
+
 SFT_NORMALIZATIONS = ("batch_tokens", "per_sequence")
 
 

@@ -123,3 +123,7 @@ def fdpo(
     loss = -F.logsigmoid(beta * (chosen_psi - rejected_psi))
     # Rewards are logged as beta * h for every divergence, like TRL; psi is monotone in h, so accuracy agrees.
     return loss, preference_metrics(beta, chosen, rejected, policy_chosen, policy_rejected)
+
+
+# Only psi(h) = h (reverse KL, DPO itself) makes the loss a function of the reference margin alone.
+fdpo.reference_margin_only = lambda params: params.get("divergence", "reverse_kl") == "reverse_kl"

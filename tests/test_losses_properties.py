@@ -55,6 +55,28 @@ def test_every_loss_follows_the_calling_convention():
                 assert parameter.name in TENSOR_INPUTS, f"{name}: '{parameter.name}' is not a tensor input"
 
 
+@pytest.mark.parametrize("name, params", [(n, {}) for n in ("dpo", "cdpo", "rdpo", "hinge", "ipo", "sppo")]
+                         + [("fdpo", {"divergence": d}) for d in ("reverse_kl", "forward_kl", "js", "alpha")])
+def test_reference_margin_only_is_declared_exactly_when_a_shift_leaves_the_loss_unchanged(name, params):
+    """A per-prompt shift c of the reference (ref_chosen + c, ref_rejected + c) changes no loss that declares
+    `reference_margin_only`, and changes every other pairwise loss with a reference (APO relies on both)."""
+    from align_cli.losses import reference_margin_only
+
+    inputs = pair_inputs(5)
+    # Unequal lengths: IPO's length-normalised margin cancels a shift only when both answers have one length.
+    lengths = {"chosen_lengths": torch.full((8,), 7.0, dtype=torch.float64),
+               "rejected_lengths": torch.full((8,), 11.0, dtype=torch.float64)}
+    shift = torch.linspace(-4.0, 4.0, 8, dtype=torch.float64)
+    shifted = {**inputs, "ref_chosen": inputs["ref_chosen"] + shift, "ref_rejected": inputs["ref_rejected"] + shift}
+    function = LOSSES[name]
+    extra = {k: v for k, v in lengths.items() if k in tensor_inputs(function)}
+    if "chosen_win_probability" in tensor_inputs(function):
+        extra["chosen_win_probability"] = torch.ones(8, dtype=torch.float64)
+    before, _ = function(**inputs, **extra, **params)
+    after, _ = function(**shifted, **extra, **params)
+    assert torch.allclose(before, after, atol=1e-10) == reference_margin_only(function, params)
+
+
 def test_tensor_inputs_and_needs_reference():
     required_pair = dict.fromkeys(PAIR, True)
     assert tensor_inputs(LOSSES["dpo"]) == required_pair
