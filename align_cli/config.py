@@ -164,7 +164,7 @@ class RewardTerm(BaseModel):
 
 
 class D3SConfig(Section):
-    """D^3S down-sampling (Wang et al., ICLR 2026), ALGORITHMS.md section 8. The paper's schedule values are not
+    """D^3S down-sampling (Wang et al., ICLR 2026), docs/ALGORITHMS.md section 8. The paper's schedule values are not
     public: the defaults train early steps on half the rollouts of a group of 8 and a fifth of their tokens (the
     high-entropy minority), late steps on every rollout and 60% of the tokens."""
 
@@ -204,7 +204,7 @@ class HapoSettings:
 
 
 class HapoConfig(Section):
-    """HAPO's sampling and advantage parts (Liu et al. 2025), ALGORITHMS.md section 9. Its loss parts
+    """HAPO's sampling and advantage parts (Liu et al. 2025), docs/ALGORITHMS.md section 9. Its loss parts
     (advantage redistribution, adaptive clipping) are the `hapo` loss's hyperparameters in `method.losses`.
     `preset` fills every key below that the recipe leaves out, and the `hapo` loss term's eps_low, eps_high and
     dual_clip: `paper` (default: the method as the paper writes it) or `released` (the authors' code exactly).
@@ -253,7 +253,7 @@ class HapoConfig(Section):
 
 
 class RLConfig(Section):
-    """Online RL (`method.name: grpo`): rollout -> reward -> advantage -> select -> update, ALGORITHMS.md 7-9.
+    """Online RL (`method.name: grpo`): rollout -> reward -> advantage -> select -> update, docs/ALGORITHMS.md 7-9.
     The policy loss is the single term of `method.losses`: `grpo`, `dapo`, `gspo` or `hapo`."""
 
     num_generations: int = Field(8, ge=2, description="G: completions sampled per prompt.")
@@ -288,9 +288,6 @@ class RLConfig(Section):
         if not self.rewards:
             raise ValueError("method.rl.rewards needs at least one reward")
         return self
-
-
-RL_LOSS_NAMES = ("grpo", "dapo", "gspo", "hapo")
 
 
 class RankerConfig(Section):
@@ -328,7 +325,7 @@ class SamplingConfig(Section):
 
 
 class ApoConfig(SamplingConfig):
-    """APO (He, Yuan, Gu 2024; ALGORITHMS.md 6): T iterations of sample -> rank -> best vs worst -> proximal step
+    """APO (He, Yuan, Gu 2024; docs/ALGORITHMS.md 6): T iterations of sample -> rank -> best vs worst -> proximal step
     with the extrapolated reference. `data.train` holds the prompts (with `answer` for the rule ranker); `data.eval`
     (pairs), when given, is each iteration's held-out pair set; `evaluation` measures task accuracy per iteration."""
 
@@ -348,7 +345,7 @@ class ApoConfig(SamplingConfig):
 
 
 class CurryConfig(SamplingConfig):
-    """Curry-DPO (Pattnaik et al. 2024; ALGORITHMS.md 5): several pairs per prompt (best vs each lower-rated),
+    """Curry-DPO (Pattnaik et al. 2024; docs/ALGORITHMS.md 5): several pairs per prompt (best vs each lower-rated),
     trained easy to hard. The sampling keys and `ranker` apply with `responses: generated`."""
 
     variant: Literal["iterative", "single_stage"] = Field(
@@ -392,10 +389,12 @@ class MethodConfig(Section):
 
     @model_validator(mode="after")
     def _check_rl_losses(self) -> "MethodConfig":
-        rl_terms = [term.name for term in self.losses if term.name in RL_LOSS_NAMES]
+        from .losses import RL_LOSSES  # the losses taking per-token log-probs (imports torch: only when checking)
+
+        rl_terms = [term.name for term in self.losses if term.name in RL_LOSSES]
         online = [name for name, method in METHODS.items() if method.online_rl]
         if METHODS[self.name].online_rl and (len(self.losses) != 1 or not rl_terms):
-            raise ValueError(f"method {self.name} takes exactly one loss term, one of {', '.join(RL_LOSS_NAMES)}; "
+            raise ValueError(f"method {self.name} takes exactly one loss term, one of {', '.join(RL_LOSSES)}; "
                              f"got {[term.name for term in self.losses]}")
         if not METHODS[self.name].online_rl and rl_terms:
             raise ValueError(f"losses {rl_terms} are online RL losses: use them with method.name: {' or '.join(online)}")

@@ -7,19 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import LossTerm
-from .data.batching import GROUP_COLUMNS
-from .losses import LOSSES, tensor_inputs
-
-
-def used_inputs(function, params: dict) -> dict[str, bool]:
-    """Tensor inputs a loss uses with these hyperparameters. A loss may declare `uses(params)` to
-    name the optional inputs it skips (TPO with alpha=0 needs no gold forward)."""
-    inputs = tensor_inputs(function)
-    uses = getattr(function, "uses", None)
-    if uses is None:
-        return inputs
-    wanted = uses(params)
-    return {name: required for name, required in inputs.items() if required or name in wanted}
+from .losses import LOSSES, SEQUENCE_GROUPS, used_inputs
 
 
 @dataclass(frozen=True)
@@ -40,9 +28,9 @@ class Term:
 def _group_of(tensor_name: str) -> tuple[str, str] | None:
     """`policy_chosen` -> ('policy', 'chosen'); `gold_lengths` -> ('lengths', 'gold'); else None."""
     for prefix in ("policy_", "ref_"):
-        if tensor_name.startswith(prefix) and tensor_name[len(prefix):] in GROUP_COLUMNS:
+        if tensor_name.startswith(prefix) and tensor_name[len(prefix):] in SEQUENCE_GROUPS:
             return prefix[:-1], tensor_name[len(prefix):]
-    if tensor_name.endswith("_lengths") and tensor_name[: -len("_lengths")] in GROUP_COLUMNS:
+    if tensor_name.endswith("_lengths") and tensor_name[: -len("_lengths")] in SEQUENCE_GROUPS:
         return "lengths", tensor_name[: -len("_lengths")]
     return None
 
@@ -53,7 +41,7 @@ class Objective:
     def __init__(self, terms: list[LossTerm]):
         self.terms = [Term(t.name, t.weight, t.params, used_inputs(LOSSES[t.name], t.params)) for t in terms]
         found = [g for name in self.inputs if (g := _group_of(name))]
-        order = list(GROUP_COLUMNS)
+        order = list(SEQUENCE_GROUPS)
         self.policy_groups = sorted({g for kind, g in found if kind in ("policy", "lengths")}, key=order.index)
         self.reference_groups = sorted({g for kind, g in found if kind == "ref"}, key=order.index)
         # The reference scores the same sequences as the policy, in the same forward layout.

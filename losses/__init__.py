@@ -1,6 +1,6 @@
 """Pure preference and RL loss functions of log-prob tensors, and their registry.
 
-The contract (DESIGN.md) every function in `LOSSES` follows:
+The contract (docs/DESIGN.md) every function in `LOSSES` follows:
 
 - Tensor inputs are positional-or-keyword parameters named from `TENSOR_INPUTS` (per-sequence sums
   of completion-token log-probs, shape `[B]`, float32, plus token counts). A tensor parameter with a
@@ -22,7 +22,16 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-# Names a loss function may take as tensor inputs; anything else is a hyperparameter.
+# Per-pair soft labels: P(chosen beats rejected), or each response's win probability (SPPO). The data's
+# columns of the same names (`data.columns`) are handed to a loss as tensors when present.
+LABEL_INPUTS = ("preference_probability", "chosen_win_probability", "rejected_win_probability")
+
+# Token-level RL losses (grpo, dapo, gspo, hapo): padded per-token tensors [B, T] and masks (losses/rl.py).
+TOKEN_INPUTS = ("policy_token_logps", "old_token_logps", "ref_token_logps", "advantages", "completion_mask",
+                "loss_mask", "token_entropy_signal", "loss_normaliser")
+
+# Names a loss function may take as tensor inputs; anything else is a hyperparameter. `policy_X` / `ref_X`
+# are the summed log-probs of sequence group X under the policy / reference, `X_lengths` its token counts.
 TENSOR_INPUTS = (
     "policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected",
     "chosen_lengths", "rejected_lengths",
@@ -32,12 +41,14 @@ TENSOR_INPUTS = (
     "policy_chosen_given_chosen", "policy_rejected_given_chosen",
     "ref_chosen_given_rejected", "ref_rejected_given_rejected",
     "ref_chosen_given_chosen", "ref_rejected_given_chosen",
-    # soft labels: P(chosen beats rejected) per pair, or each response's win probability (SPPO)
-    "preference_probability", "chosen_win_probability", "rejected_win_probability",
-    # token-level RL losses (grpo, dapo, gspo, hapo): padded per-token tensors [B, T] and masks (losses/rl.py)
-    "policy_token_logps", "old_token_logps", "ref_token_logps", "advantages", "completion_mask", "loss_mask",
-    "token_entropy_signal", "loss_normaliser",
+    *LABEL_INPUTS,
+    *TOKEN_INPUTS,
 )
+
+# The sequence groups a pairwise loss can ask for, in the order the trainer lays them out: chosen, rejected,
+# gold, then SRPO's `y' | (x, y)` (data/batching.py tokenises each group's prompt and completion).
+SEQUENCE_GROUPS = tuple(name.removeprefix("policy_") for name in TENSOR_INPUTS
+                        if name.startswith("policy_") and name not in TOKEN_INPUTS)
 
 LOSSES: dict[str, Callable] = {}
 
@@ -68,6 +79,18 @@ def tensor_inputs(function: Callable) -> dict[str, bool]:
     """The tensor parameters of a loss function, mapped to whether each is required."""
     parameters = inspect.signature(function).parameters.values()
     return {p.name: p.default is inspect.Parameter.empty for p in parameters if p.name in TENSOR_INPUTS}
+
+
+def used_inputs(function: Callable, params: dict) -> dict[str, bool]:
+    """Tensor inputs a loss uses with these hyperparameters (name -> required). A loss may declare
+    `uses(params)` to name the optional inputs it uses (TPO with alpha=0 needs no gold forward; an RL loss
+    with kl_beta=0 no reference); without it, every input of its signature."""
+    inputs = tensor_inputs(function)
+    uses = getattr(function, "uses", None)
+    if uses is None:
+        return inputs
+    wanted = uses(params)
+    return {name: required for name, required in inputs.items() if required or name in wanted}
 
 
 def hyperparameters(function: Callable) -> dict[str, object]:
@@ -101,5 +124,6 @@ from .hapo import (  # noqa: E402,F401
 )
 from .rl import group_advantages, k3_kl  # noqa: E402,F401
 
-# Token-level RL losses: trained by the online loop (align_cli/rl), not the pairwise trainer.
-RL_LOSSES = ("grpo", "dapo", "gspo", "hapo")
+# Token-level RL losses, those taking per-token log-probs: trained by the online loop (align_cli/rl), not the
+# pairwise trainer.
+RL_LOSSES = tuple(name for name, function in LOSSES.items() if "policy_token_logps" in tensor_inputs(function))

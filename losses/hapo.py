@@ -1,7 +1,7 @@
 """HAPO, heterogeneous adaptive policy optimisation: DAPO with four token-level parts driven by entropy.
 
 Liu et al. 2025, "From Uniform to Heterogeneous: Tailoring Policy Optimization to Every Token's Nature"
-(arXiv); code github.com/starriver030515/HAPO (verl/trainer/ppo/core_algos.py). ALGORITHMS.md section 9. The parts, each usable alone (the paper's ablation switches them one at a time):
+(arXiv); code github.com/starriver030515/HAPO (verl/trainer/ppo/core_algos.py). docs/ALGORITHMS.md section 9. The parts, each usable alone (the paper's ablation switches them one at a time):
 
 1. the normalised entropy signal `ht` in [-1, 1] (`entropy_signal`), low-entropy tokens negative;
 2. adaptive temperature sampling from that signal (`adaptive_temperature`; the generation side is
@@ -24,7 +24,7 @@ import torch
 from . import register
 from .common import upcast
 from .ranges import NON_NEGATIVE
-from .rl import CLIP_RANGES, policy_loss, token_advantages
+from .rl import CLIP_RANGES, inputs_used_by_rl_loss, policy_loss, token_advantages
 
 SIGNS = ("paper", "released_code")
 
@@ -54,7 +54,7 @@ def entropy_statistics(entropy: torch.Tensor, mask: torch.Tensor, rho: float = 0
     """`EntropyStats` of the valid tokens (`mask`) of a batch of entropies.
 
     `log H` (H clamped at eps); `quantile = Q_rho(log H)` (nearest order statistic); `scale` is the root mean
-    square of `log H - quantile` over valid tokens. ALGORITHMS.md leaves the scale `s` unnamed; this is the
+    square of `log H - quantile` over valid tokens. docs/ALGORITHMS.md leaves the scale `s` unnamed; this is the
     released code's `std` (`compute_entropy_h`), a spread around the quantile rather than around the mean.
     """
     mask = mask.bool()
@@ -156,3 +156,6 @@ def hapo(policy_token_logps, old_token_logps, advantages, completion_mask, token
                                                   beta_adv)
     return policy_loss(log_ratio, token_advantage, low, high, policy, completion_mask, loss_mask, ref_token_logps,
                        loss_normaliser, kl_beta, aggregation, dual_clip)
+
+
+hapo.uses = inputs_used_by_rl_loss

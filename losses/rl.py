@@ -1,6 +1,6 @@
 """Online RL policy losses: GRPO, DAPO and GSPO clipped objectives, the k3 KL estimator, group advantages.
 
-ALGORITHMS.md section 7. Every token-level loss takes padded per-token tensors `[B, T]` (one row per
+docs/ALGORITHMS.md section 7. Every token-level loss takes padded per-token tensors `[B, T]` (one row per
 completion) and masks:
 
 - `policy_token_logps`: log-probs of the completion tokens under the policy being trained (with grad);
@@ -203,3 +203,14 @@ def gspo(policy_token_logps, old_token_logps, advantages, completion_mask, loss_
     log_ratio = log_s.detach()[:, None] + policy - policy.detach()
     return policy_loss(log_ratio, token_advantages(advantages, policy), eps_low, eps_high, policy,
                        completion_mask, loss_mask, ref_token_logps, loss_normaliser, kl_beta, aggregation)
+
+
+def inputs_used_by_rl_loss(params: dict) -> set[str]:
+    """The optional inputs an RL loss uses (`uses`, see losses.used_inputs): the loss mask and normaliser
+    always, the reference's log-probs only for a KL term (`kl_beta > 0`), so the loop loads no reference
+    otherwise."""
+    return {"loss_mask", "loss_normaliser"} | ({"ref_token_logps"} if params.get("kl_beta", 0.0) > 0 else set())
+
+
+for _rl_loss in (grpo, dapo, gspo):
+    _rl_loss.uses = inputs_used_by_rl_loss

@@ -373,3 +373,32 @@ def test_srpo_rejects_weight_outside_unit_interval():
     extra = {n: t["policy_chosen"] for n in TENSOR_INPUTS if "_given_" in n}
     with pytest.raises(ValueError, match="self-improvement weight"):
         LOSSES["srpo"](**t, **extra, a=1.2)
+
+
+def test_one_list_of_inputs_names_every_group_column_and_label():
+    """The data side is derived from losses' lists: the tokenised groups, the columns a recipe may rename
+    (each a `data.columns` key), and the RL losses (those taking per-token log-probs)."""
+    from align_cli.losses import LABEL_INPUTS, RL_LOSSES, SEQUENCE_GROUPS, TOKEN_INPUTS
+
+    from align_cli.config import ColumnMap
+    from align_cli.data.batching import GROUP_COLUMNS
+    from align_cli.data.preference import PAIR_COLUMNS
+
+    assert list(GROUP_COLUMNS) == list(SEQUENCE_GROUPS)
+    assert GROUP_COLUMNS["rejected_given_chosen"] == ("revision_prompt_chosen_ids", "rejected_ids")
+    assert set(PAIR_COLUMNS) <= set(ColumnMap.model_fields) and set(LABEL_INPUTS) <= set(PAIR_COLUMNS)
+    assert RL_LOSSES == ("grpo", "dapo", "gspo", "hapo")
+    for name, function in LOSSES.items():
+        for tensor in tensor_inputs(function):
+            group = tensor.removeprefix("policy_").removeprefix("ref_").removesuffix("_lengths")
+            assert group in SEQUENCE_GROUPS or tensor in LABEL_INPUTS + TOKEN_INPUTS, (name, tensor)
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "gspo", "hapo"])
+def test_rl_losses_use_the_reference_only_for_a_kl_term(name):
+    from align_cli.losses import used_inputs
+
+    function = LOSSES[name]
+    assert "ref_token_logps" not in used_inputs(function, {**hyperparameters(function), "kl_beta": 0.0})
+    assert "ref_token_logps" in used_inputs(function, {**hyperparameters(function), "kl_beta": 0.1})
+    assert {"loss_mask", "loss_normaliser"} <= set(used_inputs(function, hyperparameters(function)))

@@ -13,6 +13,8 @@ from functools import lru_cache
 
 import torch
 
+from ..losses import LABEL_INPUTS, SEQUENCE_GROUPS
+
 IGNORE = -100
 
 
@@ -52,22 +54,17 @@ def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id
     return SequenceBatch(input_ids, attention, targets, sequence_index, rows)
 
 
-# Which tokenised columns form each named sequence group: (prompt column, completion column).
-# A loss input `policy_X` / `ref_X` / `X_lengths` asks for group X. Methods add groups here
-# (TPO's gold answer, SRPO's revision prompts) and the trainer core stays unchanged.
-GROUP_COLUMNS: dict[str, tuple[str, str]] = {
-    "chosen": ("prompt_ids", "chosen_ids"),
-    "rejected": ("prompt_ids", "rejected_ids"),
-    "gold": ("prompt_ids", "gold_ids"),
-    # SRPO: y' | (x, y), the prompt showing y as an example to improve on (data/srpo.py)
-    "chosen_given_rejected": ("revision_prompt_rejected_ids", "chosen_ids"),
-    "rejected_given_rejected": ("revision_prompt_rejected_ids", "rejected_ids"),
-    "chosen_given_chosen": ("revision_prompt_chosen_ids", "chosen_ids"),
-    "rejected_given_chosen": ("revision_prompt_chosen_ids", "rejected_ids"),
-}
+def group_columns(group: str) -> tuple[str, str]:
+    """The tokenised (prompt column, completion column) of a sequence group: `chosen` -> (prompt_ids,
+    chosen_ids); SRPO's `y'_given_y` -> (revision_prompt_y_ids, y'_ids), the prompt showing y as an example to
+    improve on (data/srpo.py)."""
+    completion, _, shown = group.partition("_given_")
+    return (f"revision_prompt_{shown}_ids" if shown else "prompt_ids"), f"{completion}_ids"
 
-# Per-example label columns handed to losses as tensors when the data has them (soft labels).
-LABEL_COLUMNS = ("preference_probability", "chosen_win_probability", "rejected_win_probability")
+
+# Which tokenised columns form each named sequence group (losses.SEQUENCE_GROUPS). A loss input `policy_X` /
+# `ref_X` / `X_lengths` asks for group X; a method adds a group there and the trainer core stays unchanged.
+GROUP_COLUMNS: dict[str, tuple[str, str]] = {group: group_columns(group) for group in SEQUENCE_GROUPS}
 
 
 @dataclass
@@ -101,7 +98,7 @@ def collate_groups(examples: list[dict], names: list[str], pad_id: int) -> Group
         lengths[name] = torch.tensor([len(e[completion_column]) for e in examples], dtype=torch.float32)
     row_index = torch.tensor([e["row_index"] for e in examples], dtype=torch.long)
     labels = {name: torch.tensor([e[name] for e in examples], dtype=torch.float32)
-              for name in LABEL_COLUMNS if examples and name in examples[0]}
+              for name in LABEL_INPUTS if examples and name in examples[0]}
     return GroupedBatch(pad_sequences(prompts, completions, pad_id), groups, lengths, row_index, labels)
 
 

@@ -35,13 +35,14 @@ import warnings
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .batching import LABEL_COLUMNS
+from ..losses import LABEL_INPUTS, SEQUENCE_GROUPS
 
 REQUIRED = ("chosen", "rejected")
 
 
-PAIR_COLUMNS = ("prompt", "chosen", "rejected", "gold", "preference_probability", "chosen_win_probability",
-                "rejected_win_probability")
+# The row columns a recipe's `data.columns` may rename: the prompt, every answer a loss can score (the sequence
+# groups that are not SRPO revisions, which are built from these) and the soft labels.
+PAIR_COLUMNS = ("prompt", *(group for group in SEQUENCE_GROUPS if "_given_" not in group), *LABEL_INPUTS)
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ def tokenise_pair(row: dict, tokenizer, settings: TokenisationSettings) -> dict:
         "completion_truncated": keep and any(len(ids) > room for ids in completion_ids.values()),
         "prompt_boundary_moved": boundary_moved,
     }
-    for name in LABEL_COLUMNS:
+    for name in LABEL_INPUTS:
         if name in row:
             result[name] = float(row[name])
     return result

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..divergence import DivergenceGuard, gradient_norm
+from ..losses import used_inputs
 from ..losses.hapo import entropy_signal
 from .rollout import Rollouts, score
 
@@ -76,7 +77,17 @@ def micro_batch_loss(model, batch: TrainBatch, indices: torch.Tensor, loss_funct
         inputs["token_entropy_signal"], _ = entropy_signal(policy_entropy.detach(), inputs["completion_mask"], rho, sign)
     elif batch.entropy_signal is not None:
         inputs["token_entropy_signal"] = rows(batch.entropy_signal)
-    per_sequence, metrics = loss_function(**inputs, **params)
+    return loss_on_inputs(loss_function, inputs, params)
+
+
+def loss_on_inputs(loss_function: Callable, inputs: dict, params: dict):
+    """Call the loss with the inputs it uses with these hyperparameters (its signature and `uses`, as the
+    pairwise `Objective` does); the mean loss and its metrics."""
+    wanted = used_inputs(loss_function, params)
+    missing = [name for name, required in wanted.items() if required and name not in inputs]
+    if missing:
+        raise KeyError(f"the loss needs {missing}, which the online RL loop did not compute")
+    per_sequence, metrics = loss_function(**{name: inputs[name] for name in wanted if name in inputs}, **params)
     return per_sequence.mean(), metrics
 
 
