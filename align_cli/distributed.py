@@ -34,6 +34,18 @@ def engine_name(accelerator) -> str:
     return "ddp" if kind.startswith("MULTI_") else kind.lower()
 
 
+def requested_sharding_engine() -> str | None:
+    """The sharding engine `accelerate launch` set this process up for, read from the environment it exports
+    (as the Accelerator will read it): 'DeepSpeed', 'FSDP', or None for one process or DDP."""
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return "DeepSpeed"
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    return None
+
+
 def deepspeed_stage(accelerator) -> int | None:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return None if plugin is None else int(plugin.zero_stage)

@@ -317,3 +317,41 @@ def test_the_loss_declares_the_entropy_signal_it_needs():
     from align_cli.rl.trainer import takes_entropy_signal
 
     assert {name for name in ("grpo", "dapo", "gspo", "hapo") if takes_entropy_signal(LOSSES[name])} == {"hapo"}
+
+
+@pytest.mark.parametrize("environment, engine", [({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "FSDP"),
+                                                 ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed")])
+def test_sharding_engines_are_refused_before_anything_is_written(rl_recipe, tmp_path, monkeypatch, capsys,
+                                                                 environment, engine):
+    """What `accelerate launch` exports for an FSDP2 or DeepSpeed config: the online loop, which sets up
+    neither, stops with exit 2 and a reason, and creates no run directory."""
+    monkeypatch.chdir(tmp_path)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    code, _, err = align(monkeypatch, capsys, "train", str(rl_recipe()))
+    assert code == 2, err
+    assert f"does not run under {engine}" in err and "--accelerate-config ddp" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_ddp_processes_train_online(rl_recipe, tmp_path):
+    """DDP keeps working: two gloo processes (torchrun, what `accelerate launch` does with NCCL on GPUs) each
+    sample their own prompts and train the shared policy; rank 0 logs and writes the summary."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = rl_recipe()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), "-m", "align_cli.cli", "train", str(path),
+                           "--set", "output.save_final_model=false"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["prompts_seen"] == 2 * 2 * 2  # 2 steps x 2 prompts x 2 processes

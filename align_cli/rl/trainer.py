@@ -1,6 +1,6 @@
 """The online RL trainer: GRPO / DAPO / GSPO, with D^3S down-sampling and HAPO token weighting.
 
-One training step, top to bottom (ALGORITHMS.md sections 7-9):
+One training step, top to bottom (docs/ALGORITHMS.md sections 7-9):
 
 1. rollout: G completions for each of `prompts_per_step` prompts (HAPO: adaptive temperature from the
    previous step's entropy statistics); rewards; DAPO dynamic sampling drops groups with equal rewards and
@@ -25,10 +25,11 @@ import torch
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, write_json_atomic
 from ..config import Recipe
+from ..distributed import requested_sharding_engine
 from ..divergence import CollapseMonitor, DivergenceGuard
 from ..errors import UserError
 from ..evaluation import task_accuracy
-from ..losses import LOSSES, hyperparameters, tensor_inputs
+from ..losses import LOSSES, hyperparameters, tensor_inputs, used_inputs
 from ..losses.d3s import d3s_schedule
 from ..losses.hapo import EntropyStats, entropy_signal
 from ..losses.rl import AGGREGATIONS
@@ -77,6 +78,18 @@ def prepare_rl_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | N
                     task_rows=load_task_rows(recipe))
     begin_writing(run_dir)  # everything loaded: an --overwrite's old run moves aside only now
     return run
+
+
+def refuse_sharding_engines(recipe: Recipe) -> None:
+    """The online loop runs on one process or under DDP only: it neither configures DeepSpeed nor places the
+    reference or gathers sharded weights for generation (`distributed.configure_engine`, `prepare_reference`,
+    `mark_sharded_for_generation` in the pairwise trainer). Refused before anything is written."""
+    engine = requested_sharding_engine()
+    if engine is not None:
+        raise UserError(f"method {recipe.method.name} (online RL) does not run under {engine}: its rollout loop "
+                        f"does not set up sharded engines. Launch it on one process or with DDP "
+                        f"(--accelerate-config ddp); FSDP2 and DeepSpeed ZeRO serve the pairwise and iterative "
+                        f"methods.")
 
 
 def loss_settings(recipe: Recipe) -> tuple[str, Callable, dict, str]:
@@ -245,9 +258,11 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
              overwrite: bool = False, on_step_end: Callable[[int], None] | None = None,
              allow_recipe_change: bool = False) -> dict:
     """Run an online RL recipe (`method.name: grpo`); return the run summary (also `summary.json`)."""
+    refuse_sharding_engines(recipe)
     loss_name, loss_function, params, aggregation = loss_settings(recipe)
     rl, training = recipe.method.rl, recipe.training
-    run = prepare_rl_run(recipe, recipe_path, output_dir, resume, overwrite, needs_reference=params["kl_beta"] > 0,
+    needs_reference = "ref_token_logps" in used_inputs(loss_function, params)  # a KL term (kl_beta > 0)
+    run = prepare_rl_run(recipe, recipe_path, output_dir, resume, overwrite, needs_reference=needs_reference,
                          allow_recipe_change=allow_recipe_change)
     accelerator = run.accelerator
     rewards = WeightedRewards(rl.rewards)
