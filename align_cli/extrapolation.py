@@ -1,4 +1,4 @@
-"""APO's momentum step from two frozen checkpoints (ALGORITHMS.md section 6; He, Yuan, Gu 2024,
+"""APO's momentum step from two frozen checkpoints (docs/ALGORITHMS.md section 6; He, Yuan, Gu 2024,
 "Accelerated Preference Optimization").
 
 The extrapolated policy is `log pi_{t+1} = (1+alpha) log pihat_{t+1} - alpha log pihat_t - log Z(x)`.

@@ -1,4 +1,4 @@
-"""SRPO's two prompts and self-revision at inference (ALGORITHMS.md section 4).
+"""SRPO's two prompts and self-revision at inference (docs/ALGORITHMS.md section 4).
 
 One network plays two roles (Choi et al., ICLR 2025, "Self-Improving Robust Preference Optimization",
 arXiv:2406.01660): the generative policy `pi(y|x)` answers the plain prompt; the self-improvement policy

@@ -1,4 +1,4 @@
-"""D^3S, dynamic dual-level down-sampling for GRPO/GSPO (ALGORITHMS.md section 8).
+"""D^3S, dynamic dual-level down-sampling for GRPO/GSPO (docs/ALGORITHMS.md section 8).
 
 Wang et al., ICLR 2026, "Learning More with Less: A Dynamic Dual-Level Down-Sampling Framework for
 Efficient Policy Optimization". Advantages are computed with all G rollouts of a prompt; then

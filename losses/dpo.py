@@ -1,7 +1,7 @@
 """DPO family: pairwise losses of the margin `D = h(y_w) - h(y_l)`, `h(y) = logp_pi(y|x) - logp_ref(y|x)`.
 
 All inputs are per-sequence sums of completion-token log-probs, shape `[B]`; every loss is computed in at
-least float32 and returns `(loss_per_example [B], metrics)`. ALGORITHMS.md section 1.
+least float32 and returns `(loss_per_example [B], metrics)`. docs/ALGORITHMS.md section 1.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""f-DPO: DPO under an f-divergence constraint other than reverse KL (ALGORITHMS.md section 2)."""
+"""f-DPO: DPO under an f-divergence constraint other than reverse KL (docs/ALGORITHMS.md section 2)."""
 
 from __future__ import annotations
 

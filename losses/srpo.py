@@ -1,4 +1,4 @@
-"""SRPO: one network as a generative policy and a self-improvement policy (ALGORITHMS.md section 4)."""
+"""SRPO: one network as a generative policy and a self-improvement policy (docs/ALGORITHMS.md section 4)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def srpo(
 
     `preference_probability` `P = P(y_w > y_l)` gives soft labels: 1/2 becomes `P - 1/2` and 1 becomes
     `2P - 1`; absent, the labels are hard (`P = 1`). `a` weighs the self-improvement loss against the
-    generative one (ALGORITHMS.md's name; not checked against the paper's text, as no official code exists);
+    generative one (docs/ALGORITHMS.md's name; not checked against the paper's text, as no official code exists);
     its default 0.8 follows the only public, unofficial implementation, as does beta 0.1.
     """
     require_in_range("srpo", srpo.ranges, a=a)

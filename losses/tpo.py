@@ -1,4 +1,4 @@
-"""TPO and TPO-L: reference-free preference losses plus an NLL on a gold response (ALGORITHMS.md section 3).
+"""TPO and TPO-L: reference-free preference losses plus an NLL on a gold response (docs/ALGORITHMS.md section 3).
 
 "Reference" in the TPO paper means the gold response `y_gold`, not a reference model: these losses take no
 `ref_*` tensor, so the trainer loads no reference model for them.
@@ -51,7 +51,7 @@ def tpo(
     `losses.mean() + alpha * cross_entropy(gold)`, the same without label smoothing; their later code
     (github.com/sahsaeedi/TPO, utils/tpo_trainer.py) and TRL's TPOTrainer add label smoothing in this form.
 
-    Defaults: beta 0.01 (TRL's TPOConfig, and the paper's table per ALGORITHMS.md; the authors' code
+    Defaults: beta 0.01 (TRL's TPOConfig, and the paper's table per docs/ALGORITHMS.md; the authors' code
     defaults to 0.1, its README runs 0.2); alpha 1.0 for base models (the authors' code and TRL; the
     paper's table gives 0.05 for instruct models); eps 0.
     """

@@ -43,7 +43,7 @@ def stable_seed(name, hyper):
     return sum(map(ord, name + repr(sorted(hyper.items()))))
 
 
-# --- float64 references, straight from ALGORITHMS.md / the papers -------------------------------------------
+# --- float64 references, straight from docs/ALGORITHMS.md / the papers -------------------------------------------
 
 
 def margin(t):

@@ -1,4 +1,4 @@
-"""HAPO's parts against hand computations from the formulas (ALGORITHMS.md section 9), in float64."""
+"""HAPO's parts against hand computations from the formulas (docs/ALGORITHMS.md section 9), in float64."""
 
 import math
 

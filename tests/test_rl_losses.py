@@ -1,5 +1,5 @@
 """GRPO / DAPO / GSPO losses against hand computations in float64, and the token-mean normaliser under
-gradient accumulation (ALGORITHMS.md section 7)."""
+gradient accumulation (docs/ALGORITHMS.md section 7)."""
 
 import math
 

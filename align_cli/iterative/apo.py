@@ -1,5 +1,5 @@
 """APO: iterative preference optimisation accelerated by Nesterov momentum (He, Yuan, Gu 2024,
-"Accelerated Preference Optimization"; ALGORITHMS.md section 6). alpha = 0 is iterative DPO.
+"Accelerated Preference Optimization"; docs/ALGORITHMS.md section 6). alpha = 0 is iterative DPO.
 
 Iteration t = 1..T, with pihat_0 = the starting model and pi_{t-1} the anchor:
 1. sample K responses per prompt (a fresh slice of `data.train` prompts) from pi_{t-1};

@@ -1,5 +1,5 @@
 """Curry-DPO: curriculum DPO over several pairs per prompt (Pattnaik et al., EMNLP 2024 Findings;
-ALGORITHMS.md section 5).
+docs/ALGORITHMS.md section 5).
 
 Each prompt's rated responses give N-1 pairs, the best against each lower-rated one (ties with the best
 dropped), ordered easiest first by the chosen criterion:

@@ -1,4 +1,4 @@
-"""Online RL: GRPO / DAPO / GSPO with D^3S down-sampling and HAPO token weighting (ALGORITHMS.md 7-9).
+"""Online RL: GRPO / DAPO / GSPO with D^3S down-sampling and HAPO token weighting (docs/ALGORITHMS.md 7-9).
 
 `trainer.train_rl` runs a recipe with `method.name: grpo`; `rollout` samples and scores completions,
 `rewards` turns them into rewards, `advantages` into advantages and selections, `update` into optimiser
