@@ -3,7 +3,7 @@
 import pytest
 from datasets import Dataset
 
-from align_cli.data.batching import IGNORE, DataOrder, collate_pairs
+from align_cli.data.batching import IGNORE, DataOrder, collate_pairs, seeded_permutation
 from align_cli.data.preference import TokenisationSettings, apply_column_mapping, tokenise_preferences
 from align_cli.data.sources import builtin_datasets, load_source
 from align_cli.errors import UserError
@@ -120,3 +120,16 @@ def test_objective_asks_for_the_groups_its_losses_take():
     assert dpo.policy_groups == ["chosen", "rejected"] and dpo.reference_groups == ["chosen", "rejected"]
     tpo = Objective([LossTerm(name="tpo", alpha=1.0)])
     assert tpo.policy_groups == ["chosen", "rejected", "gold"] and not tpo.needs_reference
+
+
+def test_one_seeded_permutation_orders_pairs_and_rl_prompts():
+    """Pairwise batches and online-RL prompts walk the same per-epoch permutation of (seed, epoch), whatever
+    the cache holds: it is torch.randperm under the generator seeded seed * 1_000_003 + epoch."""
+    import torch
+
+    from align_cli.rl.data import PromptOrder
+
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(5 * 1_000_003 + 1))
+    assert seeded_permutation(10, 5, 1).tolist() == expected.tolist()
+    assert DataOrder(num_rows=10, batch_size=5, seed=5).batch(2) == expected[:5].tolist()  # epoch 1's first batch
+    assert PromptOrder(10, seed=5).take(10, 5) == expected[:5].tolist()

@@ -126,13 +126,15 @@ class DataOrder:
 
     def batch(self, k: int) -> list[int]:
         epoch, position = divmod(k, self.batches_per_epoch)
-        permutation = _permutation(self.num_rows, self.seed, epoch) if self.shuffle else torch.arange(self.num_rows)
+        permutation = seeded_permutation(self.num_rows, self.seed, epoch) if self.shuffle else torch.arange(self.num_rows)
         global_size = self.batch_size * self.world_size
         start = position * global_size + self.rank * self.batch_size
         return permutation[start: start + self.batch_size].tolist()
 
 
-@lru_cache(maxsize=2)
-def _permutation(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
+@lru_cache(maxsize=4)
+def seeded_permutation(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of `num_rows` rows in epoch `epoch` of a run seeded `seed`: a pure function of the three, so
+    every process and every resumed run computes the same one (pairwise batches, packed batches, RL prompts)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_rows, generator=generator)

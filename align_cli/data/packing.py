@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .batching import GROUP_COLUMNS, GroupedBatch, _permutation, collate_groups
+from .batching import GROUP_COLUMNS, GroupedBatch, collate_groups, seeded_permutation
 
 PAD_MULTIPLE = 128
 PADDING_SEGMENT = -2  # trailing padding: its own block, seen by nothing real
@@ -182,7 +182,7 @@ class TokenBudgetOrder:
         if epoch not in self._epochs:
             batches, current, used = [], [], 0
             count = len(self.costs)
-            rows = _permutation(count, self.seed, epoch).tolist() if self.shuffle else range(count)
+            rows = seeded_permutation(count, self.seed, epoch).tolist() if self.shuffle else range(count)
             for row in rows:
                 cost = self.costs[row]
                 if current and used + cost > self.max_tokens:

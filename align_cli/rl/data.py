@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
-
-import torch
 
 from ..config import Recipe
+from ..data.batching import seeded_permutation
 from ..data.sources import train_prompt_rows
 from ..errors import UserError
 from ..generation import render_prompts
@@ -44,11 +42,6 @@ class PromptOrder:
     def take(self, position: int, count: int) -> list[int]:
         """Row indices of this process's `count` prompts, the global batch starting at `position`."""
         start = position + self.rank * count
-        return [int(_permutation(self.num_rows, self.seed, i // self.num_rows)[i % self.num_rows])
+        return [int(seeded_permutation(self.num_rows, self.seed, i // self.num_rows)[i % self.num_rows])
                 for i in range(start, start + count)]
 
-
-@lru_cache(maxsize=4)
-def _permutation(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_rows, generator=generator)
