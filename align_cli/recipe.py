@@ -87,20 +87,27 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for assignment in overrides:
         path, value = parse_override(assignment)
-        target = data
-        for part in path[:-1]:
-            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
-                target = target[int(part)]
-                continue
-            if not isinstance(target.get(part, {}), (dict, list)):
-                raise UserError(f"--set {assignment}: '{part}' is a value, not a section.")
-            target = target.setdefault(part, {})
-        last = path[-1]
-        if isinstance(target, list) and last.isdigit():
-            target[int(last)] = value
-        else:
-            target[last] = value
+        set_dotted_key(data, path, value, f"--set {assignment}")
     return data
+
+
+def set_dotted_key(data: dict, path: list[str], value: Any, described_as: str) -> None:
+    """`data[path[0]][path[1]]... = value` on a recipe's nested dicts: a missing section is created, a digit
+    indexes a list (`method.losses.0.beta`). `described_as` names the assignment in the error for a path that
+    runs through a value (`--set training.seed.x=1`)."""
+    target = data
+    for part in path[:-1]:
+        if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            target = target[int(part)]
+            continue
+        if not isinstance(target.get(part, {}), (dict, list)):
+            raise UserError(f"{described_as}: '{part}' is a value, not a section.")
+        target = target.setdefault(part, {})
+    last = path[-1]
+    if isinstance(target, list) and last.isdigit():
+        target[int(last)] = value
+    else:
+        target[last] = value
 
 
 def _valid_keys(model: type[BaseModel], location: tuple) -> list[str]:

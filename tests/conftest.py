@@ -89,6 +89,8 @@ def tiny_recipe(tmp_path, tiny_model_dir, pairs_file):
     """Write a recipe for the tiny model; keyword overrides are dotted keys."""
     import yaml
 
+    from align_cli.recipe import set_dotted_key
+
     def make(**overrides):
         recipe = {
             "model": {"name": str(tiny_model_dir), "dtype": "float32"},
@@ -103,11 +105,7 @@ def tiny_recipe(tmp_path, tiny_model_dir, pairs_file):
             "output": {"dir": str(tmp_path / "run")},
         }
         for dotted, value in overrides.items():
-            target = recipe
-            *parents, last = dotted.split("__")
-            for part in parents:
-                target = target.setdefault(part, {})
-            target[last] = value
+            set_dotted_key(recipe, dotted.split("__"), value, f"tiny_recipe({dotted}=...)")
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe))
         return path

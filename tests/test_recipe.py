@@ -4,7 +4,7 @@ import pytest
 
 from align_cli.config import Recipe
 from align_cli.errors import UserError
-from align_cli.recipe import builtin_recipes, load_recipe, schema_text
+from align_cli.recipe import builtin_recipes, load_recipe, schema_text, set_dotted_key
 
 
 def write(tmp_path, text):
@@ -70,3 +70,15 @@ def test_schema_documents_every_key():
         nested = model.annotation
         for key in nested.model_fields:
             assert f"{section}.{key}" in text, f"{section}.{key} missing from the schema text"
+
+
+def test_set_dotted_key_creates_sections_indexes_lists_and_names_a_value_in_the_way():
+    """The one dotted-key setter (`--set`, the iterative loops' derived recipes, the tests' tiny recipes)."""
+    data = {"method": {"losses": [{"name": "dpo"}, {"name": "sft"}]}, "training": {"seed": 1}}
+    set_dotted_key(data, ["method", "losses", "1", "weight"], 0.5, "--set method.losses.1.weight=0.5")
+    set_dotted_key(data, ["logging", "progress"], False, "--set logging.progress=false")
+    set_dotted_key(data, ["method", "losses", "0"], {"name": "ipo"}, "--set method.losses.0={name: ipo}")
+    assert data == {"method": {"losses": [{"name": "ipo"}, {"name": "sft", "weight": 0.5}]},
+                    "training": {"seed": 1}, "logging": {"progress": False}}
+    with pytest.raises(UserError, match=r"--set training.seed.x=2: 'seed' is a value, not a section"):
+        set_dotted_key(data, ["training", "seed", "x"], 2, "--set training.seed.x=2")

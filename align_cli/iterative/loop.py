@@ -26,6 +26,7 @@ import torch
 from ..checkpoint import broken_checkpoints, write_json_atomic
 from ..config import Recipe
 from ..errors import UserError
+from ..recipe import set_dotted_key
 from ..run_dir import begin_writing, resolve_run_dir
 
 MARKER = "iterative.json"
@@ -119,11 +120,7 @@ def derive_recipe(recipe: Recipe, changes: dict) -> Recipe:
     """A copy of `recipe` with dotted keys replaced (`{"model.name": ...}`), validated again."""
     data = recipe.model_dump(mode="json")
     for dotted, value in changes.items():
-        *parents, last = dotted.split(".")
-        target = data
-        for part in parents:
-            target = target[part]
-        target[last] = value
+        set_dotted_key(data, dotted.split("."), value, f"derived recipe key {dotted}")
     return Recipe.model_validate(data)
 
 
