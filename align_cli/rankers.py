@@ -37,7 +37,7 @@ _EQUATION = re.compile(r"\s*-?\d+\s*[-+*]\s*-?\d+\s*=\s*-?\d+\s*\.?\s*")
 
 
 def _instruction(prompt) -> str:
-    """The text a judge or a plain-text reward model sees: the last user message of a chat prompt."""
+    """The text a judge sees: the last user message of a chat prompt."""
     if isinstance(prompt, str):
         return prompt
     users = [m["content"] for m in prompt if m.get("role") == "user"]
@@ -83,29 +83,23 @@ class RuleRanker:
 
 
 class RewardModelRanker:
-    """Scores with `align_cli.eval.judges.reward_model.RewardModelJudge` (loading, padding and batching are
-    shared with `align eval`); the text is the full conversation in the reward model's chat template."""
+    """Scores with `align_cli.reward_model.RewardModelScorer` (the scorer of online RL's reward and of
+    `align eval`'s judge): the full conversation, in the reward model's chat template when it has one."""
 
     def __init__(self, location: str, batch_size: int):
-        from .eval.judges.reward_model import RewardModelJudge
+        from .reward_model import RewardModelScorer
 
-        self.judge = RewardModelJudge(location, batch_size=batch_size)
-        self.name = self.judge.name
+        self.scorer = RewardModelScorer(location, batch_size=batch_size)
+        self.name = self.scorer.name
 
     @staticmethod
     def win_probabilities(scores: list[float]) -> list[float]:
         """Rewards are Bradley-Terry logits: `P(y_i > y_j) = sigmoid(r_i - r_j)`."""
         return mean_pairwise_preference(scores, _bradley_terry)
 
-    def _render(self, prompt, response: str) -> str:
-        tokenizer = self.judge.tokenizer
-        if isinstance(prompt, str) or not tokenizer.chat_template:
-            return self.judge.render(_instruction(prompt), response)
-        return tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
-
     def score(self, rows: list[dict], samples: list[list[str]]) -> list[list[float]]:
-        texts = [self._render(row["prompt"], text) for row, texts in zip(rows, samples) for text in texts]
-        flat = self.judge.rewards(texts)
+        prompts = [row["prompt"] for row, texts in zip(rows, samples) for _ in texts]
+        flat = self.scorer.score(prompts, [text for texts in samples for text in texts])
         scores, start = [], 0
         for texts in samples:
             scores.append(flat[start: start + len(texts)])

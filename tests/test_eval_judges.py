@@ -56,11 +56,17 @@ def test_reward_model_preference_is_sigmoid_of_the_reward_gap(reward_model_dir):
              {"instruction": "Name a fruit.", "output_1": "An apple is a fruit that grows on trees.", "output_2": "Pear"}]
     judgments = judge.judge(pairs)
 
-    def reward(instruction, output):  # one unpadded sequence at a time: the reference computation
-        text = judge.render(instruction, output)
-        ids = judge.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(reward_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
+
+    def reward(instruction, output):  # one unpadded sequence at a time, in the chat template: the reference
+        messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]
+        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), return_tensors="pt",
+                        add_special_tokens=False)
         with torch.no_grad():
-            return float(judge.model(**ids).logits[0, 0])
+            return float(model(**ids).logits[0, 0])
 
     for pair, judgment in zip(pairs, judgments):
         gap = reward(pair["instruction"], pair["output_2"]) - reward(pair["instruction"], pair["output_1"])

@@ -86,42 +86,19 @@ def format(completions: list[str], rows: list[dict], pattern: str = _EQUATION) -
     return [float(compiled.fullmatch(text) is not None) for text in completions]
 
 
-class RewardModel:
-    """A Hugging Face sequence-classification model scoring (prompt, completion) through the chat template;
-    the reward is the logit of `label` (default 0)."""
+def reward_model(model: str, batch_size: int = 16, label: int = 0, max_length: int = 4096, dtype: str = "float32",
+                 device: str | None = None) -> Callable:
+    """The `reward_model` reward: the logit of output `label` (default 0) of a sequence-classification model
+    for (the row's prompt, the completion), scored by `align_cli.reward_model.RewardModelScorer`, the
+    scorer of the iterative ranker and the eval judge (its docstring says how a pair is tokenised)."""
+    from ..reward_model import RewardModelScorer
 
-    def __init__(self, model: str, batch_size: int = 16, label: int = 0, device: str | None = None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    scorer = RewardModelScorer(model, batch_size=batch_size, max_length=max_length, label=label, dtype=dtype,
+                               device=device)
+    return lambda completions, rows: scorer.score([row["prompt"] for row in rows], completions)
 
-        from ..models import resolve_model_location
 
-        location = resolve_model_location(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(location)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(location).eval()
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device)
-        self.batch_size, self.label = batch_size, label
-
-    def _text(self, prompt, completion: str) -> str:
-        if isinstance(prompt, str) or not getattr(self.tokenizer, "chat_template", None):
-            prompt_text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-            return prompt_text + completion
-        messages = [*prompt, {"role": "assistant", "content": completion}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False)
-
-    @torch.no_grad()
-    def __call__(self, completions: list[str], rows: list[dict]) -> list[float]:
-        texts = [self._text(row["prompt"], text) for text, row in zip(completions, rows)]
-        scores: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            encoded = self.tokenizer(texts[start: start + self.batch_size], return_tensors="pt", padding=True,
-                                     truncation=True).to(self.device)
-            scores += self.model(**encoded).logits[:, self.label].float().tolist()
-        return scores
+_REWARD_MODEL_KEYS = ("model", "batch_size", "label", "max_length", "dtype", "device")
 
 
 BUILTIN_REWARDS: dict[str, Callable] = {"arithmetic": arithmetic, "answer_match": answer_match, "format": format}
@@ -148,7 +125,11 @@ def build_reward(name: str, params: dict) -> Callable[[list[str], list[dict]], l
     if name == "reward_model":
         if "model" not in params:
             raise UserError("Reward 'reward_model' needs a `model:` (a local sequence-classification model directory).")
-        return RewardModel(**params)
+        unknown = sorted(set(params) - set(_REWARD_MODEL_KEYS))
+        if unknown:
+            raise UserError(f"Reward 'reward_model' has no parameter {', '.join(unknown)}; its keys are "
+                            f"{', '.join(_REWARD_MODEL_KEYS)}.")
+        return reward_model(**params)
     if ":" in name:
         function = load_callable(name)
     elif name in BUILTIN_REWARDS:
