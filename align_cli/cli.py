@@ -48,9 +48,9 @@ def train(
     """Train a model as the recipe says."""
     import json
 
+    from .lifecycle import Interrupted
     from .methods import METHODS
     from .recipe import load_recipe
-    from .trainer import Interrupted
 
     loaded, path = load_recipe(recipe, set_)
     if accelerate_config:  # validated above; now the same command once per process

@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from .config import Recipe
 from .data.batching import DataOrder, GroupedBatch, collate_groups
 from .distributed import configure_engine, mark_sharded_for_generation, prepare_reference
-from .divergence import CollapseMonitor, DivergenceGuard, TrainingDiverged, gradient_norm  # noqa: F401 (re-export)
+from .divergence import CollapseMonitor, DivergenceGuard, gradient_norm
 from .errors import UserError
 from .evaluation import evaluate_pairs, task_accuracy
+from .lifecycle import (
+    StopFlag,
+    end_optimiser_step,
+    finish,
+    measured_before,
+    optimiser_and_schedule,
+    resumed_state,
+    timing,
+    write_summary,
+)
 from .logprobs import sequence_logps
 from .methods import METHODS
 from .metrics import MetricsLog, progress_bar
@@ -32,51 +39,6 @@ from .reference import CachedReference, LiveReference, cache_key, cached_or_comp
 from .run_dir import holds_run_directory
 from .run_setup import RunInputs, prepare_run
 from .throughput import collate_for, data_order
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was saved at `step`."""
-
-    def __init__(self, step: int, signal_number: int, checkpoint: Path):
-        super().__init__(f"interrupted at step {step}")
-        self.step, self.signal_number, self.checkpoint = step, signal_number, checkpoint
-
-
-@dataclass
-class StopFlag:
-    signal_number: int | None = None
-    previous: dict = field(default_factory=dict)
-
-    def install(self) -> None:
-        for number in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[number] = signal.signal(number, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-
-    def _handle(self, number, _frame) -> None:
-        self.signal_number = number
-
-    def restore(self) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-
-
-def end_optimiser_step(accelerator, recipe: Recipe, run_dir: Path, state: dict, last_step: int, stop: StopFlag,
-                       on_step_end: Callable[[int], None] | None, *, guard: DivergenceGuard) -> None:
-    """What every trainer does after an optimiser step: the scheduled (and final) checkpoint, the caller's
-    hook, and, after SIGINT/SIGTERM, a checkpoint and `Interrupted`. A checkpoint is saved only if every
-    trainable parameter is finite (`guard.check_parameters`, else `TrainingDiverged`)."""
-    step, checkpointing = state["step"], recipe.checkpointing
-    if (checkpointing.every and step % checkpointing.every == 0) or step == last_step:
-        guard.check_parameters(step)
-        save_checkpoint(accelerator, run_dir, step, state, checkpointing.keep_last)
-    if on_step_end is not None:
-        on_step_end(step)
-    if stop.signal_number is not None:
-        guard.check_parameters(step)
-        saved = save_checkpoint(accelerator, run_dir, step, state, checkpointing.keep_last)
-        raise Interrupted(step, stop.signal_number, saved)
 
 
 def total_steps(recipe: Recipe, order: DataOrder) -> int:
@@ -182,13 +144,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
     steps = total_steps(recipe, order)
 
     model = run.policy
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate, betas=training.adam_betas,
-                                  weight_decay=training.weight_decay)
-    from transformers import get_scheduler
-
-    warmup = training.warmup_steps or int(training.warmup_ratio * steps)
-    scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    optimizer, scheduler = optimiser_and_schedule(model, training, steps)
     configure_engine(accelerator, recipe)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     mark_sharded_for_generation(accelerator, model)
@@ -203,21 +159,8 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
     if recipe.reference.precompute and run.reference_model is not run.policy:
         run.reference_model = None  # cached log-probs replace it: free its memory
 
-    state = {"step": 0, "micro_batch": 0, "tokens": 0, "seconds": 0.0}
-    checkpoint = latest_checkpoint(run.run_dir) if resume else None
-    if checkpoint is not None:
-        state.update(load_checkpoint(accelerator, checkpoint))
-        accelerator.print(f"Resuming from {checkpoint} (step {state['step']}).")
-    before_path = run.run_dir / "before.json"
-    if before_path.exists():
-        import json
-
-        before = json.loads(before_path.read_text())
-    else:
-        accelerator.print("Measuring the starting model on held-out data...")
-        before = _measure(run, model, objective, reference)
-        if accelerator.is_main_process:
-            write_json_atomic(before_path, before)
+    state = resumed_state(accelerator, run.run_dir, resume, {"step": 0, "micro_batch": 0, "tokens": 0, "seconds": 0.0})
+    before = measured_before(run, lambda: _measure(run, model, objective, reference), "data")
 
     guard = DivergenceGuard(accelerator, run.run_dir, [p for p in model.parameters() if p.requires_grad])
     monitor = CollapseMonitor(**state.get("collapse", {}))  # resumed with the checkpoint
@@ -279,10 +222,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
         stop.restore()
         log.close()
 
-    accelerator.print("Measuring the trained model on held-out data...")
-    after = _measure(run, model, objective, reference)
-    log.log(state["step"], {k: v for k, v in after.items() if isinstance(v, (int, float))}, prefix="eval")
-    final_dir = run.save_final_model(model) if recipe.output.save_final_model else None
+    after, final_dir = finish(run, model, log, state["step"], lambda: _measure(run, model, objective, reference), "data")
     summary = {
         "recipe": str(recipe_path) if recipe_path else None,
         "method": recipe.method.name,
@@ -294,16 +234,12 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
         "eval_rows": len(run.eval_data),
         "data_report": run.data_report,
         "train_tokens": state["tokens"],
-        "train_seconds": round(state["seconds"], 2),
-        "tokens_per_second": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
-        "wall_seconds_this_process": round(time.time() - started, 2),
+        **timing(state, started),
         **reference_info,
         "final_train_metrics": last_metrics,
         "before": before,
         "after": after,
-        "final_model_dir": str(final_dir) if final_dir else None,
+        "final_model_dir": final_dir,
         "warnings": monitor.warnings,
     }
-    if accelerator.is_main_process:
-        write_json_atomic(run.run_dir / "summary.json", summary)
-    return summary
+    return write_summary(run.run_dir, summary, accelerator.is_main_process)

@@ -18,8 +18,8 @@ from iterative_fixtures import (  # noqa: F401
 )
 
 from align_cli.iterative.apo import run_apo
+from align_cli.lifecycle import Interrupted
 from align_cli.recipe import load_recipe
-from align_cli.trainer import Interrupted
 
 BETA = 0.1
 

@@ -17,8 +17,8 @@ from iterative_fixtures import (
 )
 
 from align_cli.iterative.curry import curriculum, run_curry
+from align_cli.lifecycle import Interrupted
 from align_cli.recipe import load_recipe
-from align_cli.trainer import Interrupted
 
 
 def curry_recipe(directory, model_dir, train=None, checkpoint_every=None, **curry):

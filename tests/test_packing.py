@@ -153,7 +153,7 @@ def test_trainer_token_budget_resumes_exactly(tiny_recipe, tmp_path):
 
     from safetensors.torch import load_file
 
-    from align_cli.trainer import Interrupted
+    from align_cli.lifecycle import Interrupted
 
     overrides = {"training__packing": True, "training__max_tokens_per_batch": 300, "training__max_steps": 3,
                      "evaluation__task": None, "checkpointing__every": 100}

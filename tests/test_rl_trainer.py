@@ -13,13 +13,13 @@ from conftest import align, write_jsonl
 from align_cli import tasks
 from align_cli.config import Recipe
 from align_cli.errors import UserError
+from align_cli.lifecycle import Interrupted
 from align_cli.recipe import load_recipe
 from align_cli.rl import trainer as rl_trainer
 from align_cli.rl.advantages import advantages_of, informative_groups
 from align_cli.rl.data import PromptOrder
 from align_cli.rl.rewards import WeightedRewards, answer_match, extract_answer, overlong_penalty
 from align_cli.rl.rollout import Rollouts, to_padded
-from align_cli.trainer import Interrupted
 
 
 def test_overlong_shaping():

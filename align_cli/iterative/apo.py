@@ -25,6 +25,7 @@ from ..data.sources import train_prompt_rows
 from ..errors import UserError
 from ..extrapolation import AnchorLogps, NormaliserSamples, anchor_terms, needs_normalised_anchor
 from ..generation import SamplingSettings
+from ..lifecycle import write_summary
 from ..rankers import make_ranker, win_probabilities
 from ..run_dir import holds_run_directory
 from ..run_setup import load_task_rows
@@ -195,6 +196,4 @@ def run_apo(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | N
                "final_model_dir": final_model,
                "tokens_per_second": round(sum(speeds) / len(speeds), 1) if speeds else 0.0,
                "wall_seconds_this_process": round(time.time() - started, 1)}
-    if loop.processes().is_main_process:
-        write_json_atomic(run_dir / "summary.json", summary)
-    return summary
+    return write_summary(run_dir, summary, loop.processes().is_main_process)

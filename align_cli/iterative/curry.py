@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import write_json_atomic
 from ..config import Recipe
 from ..data.sources import load_source, train_prompt_rows
 from ..errors import UserError
 from ..generation import SamplingSettings
+from ..lifecycle import write_summary
 from ..rankers import make_ranker
 from ..run_dir import holds_run_directory
 from ..run_setup import load_task_rows
@@ -184,6 +184,4 @@ def run_curry(recipe: Recipe, recipe_path: Path | None = None, output_dir: str |
                "after": {"task_accuracy": table[-1].get("task_accuracy")},
                "final_model_dir": final_model, "tokens_per_second": table[-1].get("tokens_per_second") or 0.0,
                "wall_seconds_this_process": round(time.time() - started, 1)}
-    if loop.processes().is_main_process:
-        write_json_atomic(run_dir / "summary.json", summary)
-    return summary
+    return write_summary(run_dir, summary, loop.processes().is_main_process)

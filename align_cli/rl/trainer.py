@@ -15,7 +15,6 @@ One training step, top to bottom (docs/ALGORITHMS.md sections 7-9):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -23,12 +22,21 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, write_json_atomic
 from ..config import Recipe
 from ..distributed import requested_sharding_engine
 from ..divergence import CollapseMonitor, DivergenceGuard
 from ..errors import UserError
 from ..evaluation import task_accuracy
+from ..lifecycle import (
+    StopFlag,
+    end_optimiser_step,
+    finish,
+    measured_before,
+    optimiser_and_schedule,
+    resumed_state,
+    timing,
+    write_summary,
+)
 from ..losses import LOSSES, hyperparameters, tensor_inputs, used_inputs
 from ..losses.d3s import d3s_schedule
 from ..losses.hapo import EntropyStats, entropy_signal
@@ -44,7 +52,6 @@ from ..models import (
 )
 from ..run_dir import begin_writing, holds_run_directory
 from ..run_setup import RunInputs, load_task_rows, start_run
-from ..trainer import StopFlag, end_optimiser_step
 from .advantages import Selection, advantages_of, d3s_selection, informative_groups
 from .data import PromptOrder, load_prompt_rows
 from .rewards import WeightedRewards, overlong_penalty
@@ -273,31 +280,14 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
     steps = total_steps(recipe, len(run.train_data), accelerator.num_processes)
 
     model = run.policy
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=training.learning_rate,
-                                  betas=training.adam_betas, weight_decay=training.weight_decay)
-    from transformers import get_scheduler
-
-    optimizer_steps = steps * updates_per_step
-    warmup = training.warmup_steps * updates_per_step or int(training.warmup_ratio * optimizer_steps)
-    scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=optimizer_steps)
+    optimizer, scheduler = optimiser_and_schedule(model, training, steps, updates_per_step)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if run.reference_model is run.policy:
         run.reference_model = model
 
-    state = {"step": 0, "prompts_seen": 0, "tokens": 0, "seconds": 0.0, "entropy_stats": None}
-    checkpoint = latest_checkpoint(run.run_dir) if resume else None
-    if checkpoint is not None:
-        state.update(load_checkpoint(accelerator, checkpoint))
-        accelerator.print(f"Resuming from {checkpoint} (step {state['step']}).")
-    before_path = run.run_dir / "before.json"
-    if before_path.exists():
-        before = json.loads(before_path.read_text())
-    else:
-        accelerator.print("Measuring the starting model on held-out prompts...")
-        before = _measure(run, model)
-        if accelerator.is_main_process:
-            write_json_atomic(before_path, before)
+    state = resumed_state(accelerator, run.run_dir, resume,
+                          {"step": 0, "prompts_seen": 0, "tokens": 0, "seconds": 0.0, "entropy_stats": None})
+    before = measured_before(run, lambda: _measure(run, model), "prompts")
 
     guard = DivergenceGuard(accelerator, run.run_dir, [p for p in model.parameters() if p.requires_grad])
     monitor = CollapseMonitor(**state.get("collapse", {}))  # resumed with the checkpoint
@@ -360,10 +350,7 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
         stop.restore()
         log.close()
 
-    accelerator.print("Measuring the trained model on held-out prompts...")
-    after = _measure(run, model)
-    log.log(state["step"], {k: v for k, v in after.items() if isinstance(v, (int, float))}, prefix="eval")
-    final_dir = run.save_final_model(model) if recipe.output.save_final_model else None
+    after, final_dir = finish(run, model, log, state["step"], lambda: _measure(run, model), "prompts")
     summary = {
         "recipe": str(recipe_path) if recipe_path else None,
         "method": recipe.method.name,
@@ -374,15 +361,11 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
         "prompts_seen": state["prompts_seen"],
         "data_report": run.data_report,
         "completion_tokens": state["tokens"],
-        "train_seconds": round(state["seconds"], 2),
-        "tokens_per_second": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
-        "wall_seconds_this_process": round(time.time() - started, 2),
+        **timing(state, started),
         "final_train_metrics": last_metrics,
         "before": before,
         "after": after,
-        "final_model_dir": str(final_dir) if final_dir else None,
+        "final_model_dir": final_dir,
         "warnings": monitor.warnings,
     }
-    if accelerator.is_main_process:
-        write_json_atomic(run.run_dir / "summary.json", summary)
-    return summary
+    return write_summary(run.run_dir, summary, accelerator.is_main_process)
