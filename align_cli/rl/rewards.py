@@ -7,7 +7,8 @@ method:
       - {name: arithmetic, weight: 1.0}              # the shipped task's strict verifier
       - {name: format, weight: 0.2, pattern: '...'}  # any other key is a parameter of that reward
       - {name: my_rewards:brevity, weight: 0.5}      # a Python callable, `module:function`
-      - {name: reward_model, model: path/to/rm}      # a Hugging Face sequence-classification model
+      - {name: reward_model, model: path/to/rm}      # a Hugging Face sequence-classification model; optional
+                                                     # batch_size, label, max_length, dtype, device
 ```
 
 Every reward function has the signature
