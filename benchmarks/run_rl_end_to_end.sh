@@ -3,7 +3,7 @@
 # path and ours): the project is installed with --target beside the wheels the device image lacks, arguments go
 # to the script, which writes $OUT/rl-end-to-end-<gpu>.json and this log.
 #
-# Carry .whl-rl/ (`.whl-*/` is git-ignored; 3.6 MB): the wheels the trainer path imports beyond the device image
+# Carry .whl-rl/ (`.whl-*/` is git-ignored; 7 MB): the wheels the trainer path imports beyond the device image
 # (Python 3.12, manylinux x86_64) and the tokenizer. KINDS.md's package list of the image has torch, transformers,
 # accelerate, peft, triton, numpy, safetensors, tokenizers, huggingface_hub, pyyaml, and also pandas, pyarrow,
 # xxhash, python-dateutil, rich, fsspec, jinja2, psutil; it lacks
