@@ -227,9 +227,6 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
         os.replace(staging, final)
         for old in list_checkpoints(run_dir)[:-keep_last]:
             remove_tree(old)
-        from .run_dir import first_checkpoint_written
-
-        first_checkpoint_written()  # an --overwrite run's predecessor, kept until now, can go
     accelerator.wait_for_everyone()
     return final
 

@@ -159,8 +159,8 @@ def generate(
     import json
     from dataclasses import replace
 
+    from .generate_cli import generate_to_file
     from .generation import SamplingSettings
-    from .srpo import generate_to_file
 
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                 batch_size=batch_size)

@@ -291,7 +291,7 @@ class RLConfig(Section):
 
 
 class RankerConfig(Section):
-    """How iterative methods score sampled responses (align_cli/rankers.py); equal scores are ties and make no pair."""
+    """How iterative methods score sampled responses (align_cli/iterative/rankers.py); equal scores are ties and make no pair."""
 
     name: Literal["rule", "reward_model", "judge"] = Field(
         "rule", description="`rule`: the shipped task's verifier (needs an `answer` per prompt): 1 exactly right, 0.5 the "
@@ -311,7 +311,7 @@ class RankerConfig(Section):
 
 
 class SamplingConfig(Section):
-    """Sampling responses for iterative methods (align_cli/sampling.py)."""
+    """Sampling responses for iterative methods (align_cli/iterative/sampling.py)."""
 
     samples_per_prompt: int = Field(5, ge=2, description="K responses sampled per prompt (5 in the SPPO/APO pipelines).")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature.")

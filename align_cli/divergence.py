@@ -1,4 +1,4 @@
-"""Divergence and collapse: the checks both training loops (pairwise `trainer.py`, online RL `rl/`) share.
+"""Divergence and collapse: the checks both training loops (pairwise `pairwise/trainer.py`, online RL `rl/`) share.
 
 Divergence (a non-finite loss, gradient norm or parameter) stops the run before the bad step reaches the
 weights or a checkpoint: the loss is checked before `backward`, the total gradient norm before

@@ -24,8 +24,9 @@ from typing import Protocol
 
 import torch
 
+from .data.render import render_prompts
 from .errors import UserError
-from .generation import SamplingSettings, generate, render_prompts
+from .generation import SamplingSettings, generate
 
 ENGINES = ("auto", "transformers", "vllm")
 

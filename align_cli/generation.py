@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
+from .data.render import render_prompts
 from .models import unwrap
 
 
@@ -30,88 +30,109 @@ def instruction_prompt(prompt, raw: bool = False):
     return list(prompt)
 
 
-def render_prompts(tokenizer, prompts: list, system_prompt: str | None = None) -> list[str]:
-    """Prompt texts ready for generation: chat template with the generation prompt for message lists;
-    strings as they are (see `instruction_prompt`)."""
-    rendered = []
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            rendered.append(prompt)
-            continue
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise UserError(f"The tokenizer of {getattr(tokenizer, 'name_or_path', 'the model')!r} has no chat "
-                            f"template, so chat prompts cannot be rendered: pass --raw (align generate, align eval) "
-                            f"to send string prompts as plain text, or use a model with a chat template.")
-        messages = list(prompt)
-        if system_prompt and not (messages and messages[0].get("role") == "system"):
-            messages = [{"role": "system", "content": system_prompt}, *messages]
-        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    return rendered
-
-
 def generation_stop_ids(model) -> set[int]:
     """The tokens `generate` stops a row at: the generation config's end-of-sequence ids."""
     configured = getattr(unwrap(model).generation_config, "eos_token_id", None)
     return set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
 
 
-def generate_fast(model, tokenizer, texts: list[str], settings: SamplingSettings) -> list[list[str]]:
-    """`generate` through `align_cli.fast_generation`: every prompt x sample in one call, continuous batching;
-    seeds reproducible per (seed, prompt index, sample index)."""
-    from .fast_generation import Sampling, fast_generate
+@dataclass
+class Decoded:
+    """What `decode` sampled: `num_samples` completions per prompt, prompt-major (completion i answers prompt
+    i // num_samples), as token ids."""
 
-    prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    sampling = Sampling(settings.temperature, settings.top_p if settings.temperature > 0 else 1.0, settings.seed)
-    out = fast_generate(model, prompt_ids, settings.num_samples, settings.max_new_tokens, sampling,
-                        generation_stop_ids(model))
-    completions = tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
-    n = settings.num_samples
-    return [completions[index * n:(index + 1) * n] for index in range(len(texts))]
+    prompt_ids: list[list[int]]       # one per prompt, as tokenised (no padding)
+    completion_ids: list[list[int]]   # up to and including the first stop token, or max_new_tokens long
+    stopped: list[bool]               # ended on a stop token (False: reached max_new_tokens)
+    # Fast path: per completion token, its log-prob under softmax(z / T) as the sampler computed it.
+    sampler_logps: list[list[float]] | None = None
+    # A logits processor with `take_records()` (HAPO's adaptive temperature): per completion, its per-token
+    # (factor, entropy) rows, cut to the completion's length.
+    records: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def cut_at_stop(tokens: list[int], stops: set[int]) -> tuple[list[int], bool]:
+    """The completion up to and including its first stop token, and whether it had one."""
+    for position, token in enumerate(tokens):
+        if token in stops:
+            return tokens[: position + 1], True
+    return tokens, False
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list, settings: SamplingSettings, system_prompt: str | None = None,
-             processor_factory=None, fast: bool | None = None) -> list[list[str]]:
-    """For each prompt, `num_samples` completions (decoded, special tokens removed). `processor_factory`,
-    called as `(encoded_batch, num_samples)` once per batch, makes a logits processor holding that batch's
-    state (APO's extrapolated logits run a second model with its own KV cache); such a caller keeps the
-    transformers `generate` path. `fast` (None: `fast_generation.wanted`, the default on CUDA) takes
-    `align_cli.fast_generation` instead of `generate` in batches of `batch_size` prompts."""
+def decode(model, tokenizer, texts: list[str], settings: SamplingSettings, stops: set[int], *,
+           processor_for=None, fast: bool | None = None) -> Decoded:
+    """The one decode loop of every generating caller (`generate` for text, `rl.rollout.generate_rollouts` for
+    token ids): `settings.num_samples` completions of each rendered prompt text, greedy at temperature 0.
+
+    `fast` (None: `fast_generation.wanted`, the default on CUDA): every prompt x sample in one
+    `fast_generation.fast_generate` call, continuous batching, seeds per (seed, prompt index, sample index).
+    Otherwise, and always with a `processor_for`, transformers `generate` in batches of `batch_size` prompts,
+    seeded per batch. `processor_for(encoded_batch, num_samples)`, called once per batch, gives that batch's logits
+    processor (APO's extrapolated logits hold a second model's KV cache; HAPO's temperature records its rows)."""
     from transformers import LogitsProcessorList
 
     from . import fast_generation
 
+    processors = [processor_for] if processor_for is not None else []
     if fast is None:
-        fast = processor_factory is None and fast_generation.wanted(model)
-    if fast and processor_factory is None and fast_generation.blocker(model) is None:
-        return generate_fast(model, tokenizer, render_prompts(tokenizer, prompts, system_prompt), settings)
+        fast = fast_generation.wanted(model, processors)
+    if fast and fast_generation.blocker(model, processors) is None:
+        return _decode_fast(model, tokenizer, texts, settings, stops)
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    texts = render_prompts(tokenizer, prompts, system_prompt)
     device = next(model.parameters()).device
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    outputs: list[list[str]] = []
-    generator_seed = settings.seed
+    decoded = Decoded([], [], [], records=[] if processor_for is not None else None)
+    sampling = settings.temperature > 0
     try:
         for start in range(0, len(texts), settings.batch_size):
-            chunk = texts[start: start + settings.batch_size]
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            sampling = settings.temperature > 0
+            encoded = tokenizer(texts[start: start + settings.batch_size], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(device)
             if sampling:
-                torch.manual_seed(generator_seed + start)
+                torch.manual_seed(settings.seed + start)
+            processor = processor_for(encoded, settings.num_samples) if processor_for is not None else None
             generated = model.generate(
                 **encoded, max_new_tokens=settings.max_new_tokens, do_sample=sampling,
                 temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
                 top_k=None, num_return_sequences=settings.num_samples, pad_token_id=tokenizer.pad_token_id,
-                logits_processor=LogitsProcessorList(
-                    [processor_factory(encoded, settings.num_samples)] if processor_factory else []),
+                logits_processor=LogitsProcessorList([processor] if processor is not None else []),
             )
-            completions = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-            for index in range(len(chunk)):
-                outputs.append(completions[index * settings.num_samples:(index + 1) * settings.num_samples])
+            mask = encoded["attention_mask"].bool()
+            decoded.prompt_ids.extend(ids[row_mask].tolist() for ids, row_mask in zip(encoded["input_ids"], mask))
+            factors, entropies = processor.take_records() if hasattr(processor, "take_records") else (None, None)
+            for index, sequence in enumerate(generated[:, encoded["input_ids"].shape[1]:].tolist()):
+                completion, stopped = cut_at_stop(sequence, stops)
+                decoded.completion_ids.append(completion)
+                decoded.stopped.append(stopped)
+                if factors is not None:
+                    decoded.records.append((factors[index, : len(completion)], entropies[index, : len(completion)]))
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
-    return outputs
+    if decoded.records is not None and len(decoded.records) != len(decoded.completion_ids):
+        decoded.records = None  # the processor records nothing (APO's extrapolation)
+    return decoded
+
+
+def _decode_fast(model, tokenizer, texts: list[str], settings: SamplingSettings, stops: set[int]) -> Decoded:
+    from .fast_generation import Sampling, fast_generate
+
+    prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    sampling = Sampling(settings.temperature, settings.top_p if settings.temperature > 0 else 1.0, settings.seed)
+    out = fast_generate(model, prompt_ids, settings.num_samples, settings.max_new_tokens, sampling, stops)
+    return Decoded(prompt_ids, out.tokens, list(out.stopped), sampler_logps=out.tempered_logps)
+
+
+def generate(model, tokenizer, prompts: list, settings: SamplingSettings, system_prompt: str | None = None,
+             processor_factory=None, fast: bool | None = None) -> list[list[str]]:
+    """For each prompt, `num_samples` completions (decoded, special tokens removed), through `decode`: chat
+    template for message lists, the generation config's end-of-sequence ids as stops. `processor_factory`
+    is `decode`'s `processor_for`; `fast` as there."""
+    decoded = decode(model, tokenizer, render_prompts(tokenizer, prompts, system_prompt), settings,
+                     generation_stop_ids(model), processor_for=processor_factory, fast=fast)
+    completions = tokenizer.batch_decode(decoded.completion_ids, skip_special_tokens=True)
+    n = settings.num_samples
+    return [completions[index * n:(index + 1) * n] for index in range(len(prompts))]

@@ -1,7 +1,7 @@
 """What every training loop shares around its steps: stopping on a signal, the optimiser and its LR schedule,
 resuming, the before/after measurement, and finishing the run (final model, summary.json).
 
-The loops themselves (`trainer.train`, the pairwise one; `rl.trainer.train_rl`, the online one; the iterative
+The loops themselves (`pairwise.trainer.train`, the pairwise one; `rl.trainer.train_rl`, the online one; the iterative
 loops of `iterative/`, which call the pairwise trainer per iteration or stage) stay readable top to bottom: they
 call these in order, and each keeps its own step and its own summary. `TrainingDiverged` lives with the checks
 that raise it, in `divergence.py`.
@@ -21,7 +21,8 @@ import torch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from .config import Recipe, TrainingConfig
 from .divergence import DivergenceGuard
-from .metrics import MetricsLog
+from .run_dir import first_checkpoint_written
+from .run_log import MetricsLog
 from .run_setup import RunInputs
 
 
@@ -61,13 +62,20 @@ def end_optimiser_step(accelerator, recipe: Recipe, run_dir: Path, state: dict, 
     step, checkpointing = state["step"], recipe.checkpointing
     if (checkpointing.every and step % checkpointing.every == 0) or step == last_step:
         guard.check_parameters(step)
-        save_checkpoint(accelerator, run_dir, step, state, checkpointing.keep_last)
+        _checkpoint(accelerator, run_dir, step, state, checkpointing.keep_last)
     if on_step_end is not None:
         on_step_end(step)
     if stop.signal_number is not None:
         guard.check_parameters(step)
-        saved = save_checkpoint(accelerator, run_dir, step, state, checkpointing.keep_last)
+        saved = _checkpoint(accelerator, run_dir, step, state, checkpointing.keep_last)
         raise Interrupted(step, stop.signal_number, saved)
+
+
+def _checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
+    saved = save_checkpoint(accelerator, run_dir, step, state, keep_last)
+    if accelerator.is_main_process:
+        first_checkpoint_written()  # an --overwrite run's predecessor, kept until now, can go
+    return saved
 
 
 def optimiser_and_schedule(model, training: TrainingConfig, steps: int, updates_per_step: int = 1):

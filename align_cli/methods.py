@@ -17,7 +17,7 @@ class Method:
     """One training method. `runner` and `recipe_check` are `module:function` names, imported when used.
 
     runner: `runner(recipe, recipe_path, output_dir, resume, overwrite, allow_recipe_change=...)` trains the
-        recipe and returns its summary (as `trainer.train`).
+        recipe and returns its summary (as `pairwise.trainer.train`).
     default_loss: a recipe without `method.losses` trains the loss of the method's own name.
     online_rl: takes exactly one online RL loss term (losses.RL_LOSSES), and no other method takes one; its
         learning-rate schedule depends on the run's length through D^3S's schedule as well (run_dir).
@@ -46,12 +46,12 @@ def _resolve(name: str) -> Callable:
 
 
 METHODS: dict[str, Method] = {
-    # The offline pairwise trainer (align_cli/trainer.py) with any pairwise loss (dpo, ipo, fdpo, ...).
-    "dpo": Method(runner="align_cli.trainer:train"),
+    # The offline pairwise trainer (align_cli/pairwise/trainer.py) with any pairwise loss (dpo, ipo, fdpo, ...).
+    "dpo": Method(runner="align_cli.pairwise.trainer:train"),
     # Triple data (gold, chosen, rejected), reference-free.
-    "tpo": Method(runner="align_cli.trainer:train", default_loss=True),
-    # Pairs plus self-revision sequences (align_cli/srpo.py).
-    "srpo": Method(runner="align_cli.trainer:train", default_loss=True, revision_evaluation=True),
+    "tpo": Method(runner="align_cli.pairwise.trainer:train", default_loss=True),
+    # Pairs plus self-revision sequences (data/srpo.py, self_revision.py).
+    "srpo": Method(runner="align_cli.pairwise.trainer:train", default_loss=True, revision_evaluation=True),
     # Online RL (align_cli/rl): rollouts, rewards, group advantages, one RL loss term.
     "grpo": Method(runner="align_cli.rl.trainer:train_rl", default_loss=True, online_rl=True),
     # Iterative loops around the pairwise trainer (align_cli/iterative).

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import UserError
-from .metrics import read_metrics
+from .run_log import read_metrics
 
 
 def metric_series(run_dir: Path, metric: str) -> tuple[list[int], list[float]]:

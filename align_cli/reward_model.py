@@ -1,7 +1,7 @@
 """One reward-model scorer: a Hugging Face sequence-classification model scoring (prompt, completion) pairs.
 
 Used by online RL's `reward_model` reward (`rl/rewards.py`), the iterative methods' `reward_model` ranker
-(`rankers.py`) and `align eval`'s `reward_model` judge (`eval/judges/reward_model.py`), so all three give
+(`iterative/rankers.py`) and `align eval`'s `reward_model` judge (`eval/judges/reward_model.py`), so all three give
 the same number for the same pair. How a pair becomes tokens, and why:
 
 - Rendering. With a chat template the conversation is the prompt's messages as given (a string prompt is

@@ -35,13 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import (
-    DELETING_PREFIX,
-    broken_checkpoints,
-    clean_leftovers,
-    list_checkpoints,
-    remove_tree,
-)
+from .checkpoint import DELETING_PREFIX, broken_checkpoints, clean_leftovers, list_checkpoints, remove_tree
 from .errors import UserError
 from .methods import METHODS
 
@@ -102,7 +96,7 @@ def run_scope():
 
 
 def holds_run_directory(function):
-    """Run `function` (a runner: `trainer.train`, `train_rl`, the iterative loops) inside a `run_scope`."""
+    """Run `function` (a runner: `pairwise.trainer.train`, `train_rl`, the iterative loops) inside a `run_scope`."""
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         with run_scope():
@@ -276,7 +270,7 @@ def _repair_interrupted_replacement(run_dir: Path) -> None:
 
 
 def first_checkpoint_written() -> None:
-    """Called by `save_checkpoint` (main process): the runs this process has open now have a checkpoint of
+    """Called after each checkpoint (`lifecycle`, main process): the runs this process has open now have a checkpoint of
     their own, so the old runs their --overwrite moved aside are deleted."""
     for run in _open_runs():
         if run.displaced:

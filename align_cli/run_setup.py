@@ -13,14 +13,14 @@ from typing import Callable
 import torch
 
 from .checkpoint import remove_tree
-from .config import DataSource, Recipe
+from .config import DataSource, ModelConfig, Recipe, TrainingConfig
+from .data.packing import check_packing_settings, packing_enabled
 from .data.preference import TokenisationSettings, normalise_rows, tokenise_preferences
 from .data.sources import load_source
 from .distributed import merge_lora_state_dict, shards_parameters
 from .errors import UserError
 from .models import apply_lora, freeze, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_location, unwrap
 from .run_dir import begin_writing, resolve_run_dir
-from .throughput import check_settings, compile_layers, model_config_for
 
 
 @dataclass
@@ -145,7 +145,7 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
     with accelerator.main_process_first():
         train_data, eval_data, report = load_data(recipe, tokenizer, settings)
     dtype = resolve_dtype(recipe.model.dtype)
-    check_settings(recipe.training)
+    check_packing_settings(recipe.training)
     model_config = model_config_for(recipe.model, recipe.training)  # attention backend for packed rows
     policy = load_causal_lm(recipe.model.name, model_config, dtype)
     if recipe.training.gradient_checkpointing:
@@ -169,3 +169,26 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
                     load_task_rows(recipe))
     begin_writing(run_dir)  # everything loaded: an --overwrite's old run moves aside only now
     return run
+
+
+def model_config_for(model: ModelConfig, training: TrainingConfig) -> ModelConfig:
+    """The model settings to load with: packing on CUDA without a chosen backend takes `align_flex`
+    (FlexAttention on packed rows, SDPA on padded batches and in generation)."""
+    if model.attn_implementation is None and packing_enabled(training) and torch.cuda.is_available():
+        from .packed_attention import register_backend
+
+        return model.model_copy(update={"attn_implementation": register_backend()})
+    if model.attn_implementation == "align_flex":
+        from .packed_attention import register_backend
+
+        register_backend()
+    return model
+
+
+def compile_layers(model) -> None:
+    """torch.compile each decoder layer in place (regional compilation): the layers share one graph, so
+    compiling costs one layer's time, and activation checkpointing still wraps each layer."""
+    from .models import decoder
+
+    for layer in decoder(model).layers:
+        layer.compile()

@@ -291,11 +291,11 @@ def run_ours(
 
     from align_cli.config import LossTerm, TrainingConfig
     from align_cli.models import freeze
-    from align_cli.objective import Objective
     from align_cli.packed_attention import register_backend
-    from align_cli.reference import LiveReference, cached_or_computed
-    from align_cli.throughput import collate_for, compile_layers
-    from align_cli.trainer import objective_forward
+    from align_cli.pairwise.objective import Objective, objective_forward
+    from align_cli.pairwise.reference import LiveReference, cached_or_computed
+    from align_cli.pairwise.throughput import collate_for
+    from align_cli.run_setup import compile_layers
 
     training = TrainingConfig(
         packing=True,

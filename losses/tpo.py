@@ -98,7 +98,7 @@ def tpo_l(
 
 def _gold_inputs_used(function):
     """`uses(params)`: the gold log-probs are needed only when alpha != 0, so the trainer skips the gold
-    sequences (tokenisation and forward) with alpha 0 (see align_cli.objective.used_inputs)."""
+    sequences (tokenisation and forward) with alpha 0 (see align_cli.pairwise.objective, losses.used_inputs)."""
     default_alpha = hyperparameters(function)["alpha"]
 
     def uses(params: dict) -> set[str]:

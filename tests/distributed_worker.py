@@ -17,7 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-import align_cli.trainer as trainer  # noqa: E402
+import align_cli.pairwise.trainer as trainer  # noqa: E402
 from align_cli.recipe import load_recipe  # noqa: E402
 
 # Plain SGD: the update is linear in the gradient, so equal weights mean equal gradients.

@@ -18,8 +18,13 @@ from iterative_fixtures import completion_logp, prompt_rows, reward_model_dir, w
 
 from align_cli.config import LossTerm
 from align_cli.errors import UserError
-from align_cli.extrapolation import AnchorLogps, NormaliserSamples, log_normaliser_estimate, needs_normalised_anchor
 from align_cli.iterative.apo import require_estimable_normaliser
+from align_cli.iterative.extrapolation import (
+    AnchorLogps,
+    NormaliserSamples,
+    log_normaliser_estimate,
+    needs_normalised_anchor,
+)
 from align_cli.recipe import load_recipe
 
 ALPHA = 0.5
@@ -163,7 +168,7 @@ def test_trainer_anchor_subtracts_the_estimated_log_normaliser(tmp_path, tiny_mo
     all against plain float64 forwards; a pair whose prompt was not sampled keeps the unnormalised anchor."""
     from transformers import AutoModelForCausalLM
 
-    from align_cli.trainer import train
+    from align_cli.pairwise.trainer import train
 
     previous_dir, current_dir = tiny_model_dir, perturbed_copy(tiny_model_dir, tmp_path / "pihat_1")
     prompts = [row["prompt"] for row in prompt_rows(4)]

@@ -95,7 +95,8 @@ ARITHMETIC = ["What is 1 + 6? Reply with just the equation and its result.",
 
 
 def test_instruction_strings_become_one_user_message_under_the_chat_template(tokenizer):
-    from align_cli.generation import instruction_prompt, render_prompts
+    from align_cli.data.render import render_prompts
+    from align_cli.generation import instruction_prompt
 
     messages = [{"role": "user", "content": ARITHMETIC[0]}]
     assert instruction_prompt(ARITHMETIC[0]) == messages and instruction_prompt(ARITHMETIC[0], raw=True) == ARITHMETIC[0]

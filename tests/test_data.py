@@ -114,7 +114,7 @@ def test_data_order_is_a_pure_function_and_ranks_are_disjoint():
 
 def test_objective_asks_for_the_groups_its_losses_take():
     from align_cli.config import LossTerm
-    from align_cli.objective import Objective
+    from align_cli.pairwise.objective import Objective
 
     dpo = Objective([LossTerm(name="dpo"), LossTerm(name="sft", weight=0.5)])
     assert dpo.policy_groups == ["chosen", "rejected"] and dpo.reference_groups == ["chosen", "rejected"]

@@ -12,10 +12,10 @@ from conftest import align, write_jsonl
 from safetensors.torch import load_file
 
 from align_cli import tasks
-from align_cli import trainer as pairwise_trainer
 from align_cli.checkpoint import list_checkpoints
 from align_cli.divergence import CollapseMonitor, CollapseWarning, TrainingDiverged, parameters_finite
 from align_cli.errors import UserError
+from align_cli.pairwise import trainer as pairwise_trainer
 from align_cli.recipe import load_recipe
 from align_cli.rl import trainer as rl_trainer
 from align_cli.rl import update as rl_update

@@ -139,8 +139,8 @@ def test_alpha_zero_is_iterative_dpo(tmp_path, tiny_model_dir, reward_model_dir,
     from transformers import AutoModelForCausalLM
 
     from align_cli.generation import SamplingSettings, generate
-    from align_cli.rankers import RewardModelRanker
-    from align_cli.trainer import train
+    from align_cli.iterative.rankers import RewardModelRanker
+    from align_cli.pairwise.trainer import train
 
     path = apo_recipe(tmp_path / "apo", tiny_model_dir, reward_model_dir, alpha=0.0)
     run(path)

@@ -123,7 +123,7 @@ def test_resume_in_the_middle_of_a_stage(tmp_path, tiny_model_dir):
 
 
 def test_generated_responses_are_sampled_and_ranked(tmp_path, tiny_model_dir, reward_model_dir):
-    from align_cli.rankers import RewardModelRanker
+    from align_cli.iterative.rankers import RewardModelRanker
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(8))
     recipe, path = curry_recipe(tmp_path, tiny_model_dir, train=prompts, responses="generated", samples_per_prompt=3,

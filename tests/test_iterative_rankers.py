@@ -12,7 +12,7 @@ from iterative_fixtures import reward_model_dir  # noqa: F401  (fixture)
 
 from align_cli.config import RankerConfig
 from align_cli.errors import UserError
-from align_cli.rankers import RewardModelRanker, RuleRanker, make_ranker, win_probabilities
+from align_cli.iterative.rankers import RewardModelRanker, RuleRanker, make_ranker, win_probabilities
 
 PROMPT = [{"role": "user", "content": "What is 3 + 4? Reply with just the equation and its result."}]
 

@@ -4,10 +4,11 @@ own KV caches inside `generate`, left-padded prompts) and extrapolated weights (
 import pytest
 import torch
 
+from align_cli.data.render import render_prompts
 from align_cli.engine import choose_engine
-from align_cli.extrapolation import ExtrapolatedLogits, extrapolated_logits_factory, extrapolated_weights
-from align_cli.generation import SamplingSettings, generate, render_prompts
-from align_cli.sampling import Sampler, sample_responses
+from align_cli.generation import SamplingSettings, generate
+from align_cli.iterative.extrapolation import ExtrapolatedLogits, extrapolated_logits_factory, extrapolated_weights
+from align_cli.iterative.sampling import Sampler, sample_responses
 
 ALPHA = 0.4
 PROMPTS = [[{"role": "user", "content": "What is 3 + 4?"}],

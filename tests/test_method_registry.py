@@ -43,4 +43,4 @@ def test_recipe_check_of_a_method_runs_on_load(tmp_path):
 
 
 def test_a_method_without_a_check_accepts_any_recipe():
-    Method(runner="align_cli.trainer:train").check(object())  # no recipe_check: nothing to look at
+    Method(runner="align_cli.pairwise.trainer:train").check(object())  # no recipe_check: nothing to look at

@@ -11,13 +11,12 @@ from align_cli import tasks
 from align_cli.config import ColumnMap, DataSource, LossTerm, SrpoConfig
 from align_cli.data.batching import IGNORE, collate_groups
 from align_cli.data.preference import TokenisationSettings, normalise_rows, tokenise_preferences
+from align_cli.data.render import Templates, render_prompts, revision_prompt
 from align_cli.data.sources import load_source
 from align_cli.data.srpo import REVISION_GROUPS
 from align_cli.data.triples import rated_to_triple, rated_to_triples
 from align_cli.errors import UserError
-from align_cli.generation import render_prompts
-from align_cli.objective import Objective
-from align_cli.srpo import Templates, revision_prompt
+from align_cli.pairwise.objective import Objective
 
 USER = [{"role": "user", "content": "What is 2 + 2? Reply with just the equation and its result."}]
 SRPO_GROUPS = ("chosen", "rejected", *REVISION_GROUPS)

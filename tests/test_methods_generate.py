@@ -7,9 +7,9 @@ import sys
 import yaml
 from conftest import write_jsonl
 
-from align_cli import srpo
 from align_cli.cli import main
-from align_cli.srpo import Templates, revision_scores, self_revise, templates_for_model
+from align_cli.data.render import Templates, generation_prompt, revision_prompt
+from align_cli.self_revision import revision_scores, self_revise, templates_for_model
 
 USER = [{"role": "user", "content": "What is 2 + 3? Reply with just the equation and its result."}]
 
@@ -95,5 +95,5 @@ def test_generate_command_writes_every_revision(tmp_path, tiny_model_dir, monkey
 
 
 def test_srpo_module_is_importable_without_torch_side_effects():
-    assert srpo.generation_prompt("x", Templates()) == "x"
-    assert "{example}" not in srpo.revision_prompt("x", "y", Templates())
+    assert generation_prompt("x", Templates()) == "x"
+    assert "{example}" not in revision_prompt("x", "y", Templates())

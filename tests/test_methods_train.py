@@ -6,8 +6,8 @@ import pytest
 from conftest import write_jsonl
 
 from align_cli import tasks
+from align_cli.pairwise.trainer import train
 from align_cli.recipe import load_recipe
-from align_cli.trainer import train
 
 NO_TASK = {"evaluation__task": None, "output__save_final_model": False, "checkpointing__every": None,
            "logging__tensorboard": False, "training__max_steps": 2}
@@ -27,8 +27,8 @@ def rated_file(tmp_path):
 @pytest.fixture
 def spy_groups(monkeypatch):
     """Record the groups of every batch the trainer collates and every reference call's outputs."""
-    import align_cli.reference as reference
-    import align_cli.trainer as trainer
+    import align_cli.pairwise.reference as reference
+    import align_cli.pairwise.trainer as trainer
 
     seen = {"policy": set(), "reference": set()}
     collate, live = trainer.collate_groups, reference.LiveReference.__call__

@@ -129,8 +129,8 @@ def test_token_budget_order_is_pure_resumable_and_within_budget():
 
 
 def run_recipe(path, *overrides, **kwargs):
+    from align_cli.pairwise.trainer import train
     from align_cli.recipe import load_recipe
-    from align_cli.trainer import train
 
     recipe, recipe_path = load_recipe(str(path), list(overrides))
     return train(recipe, recipe_path, **kwargs)

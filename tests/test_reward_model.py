@@ -9,7 +9,7 @@ from iterative_fixtures import reward_model_dir  # noqa: F401  (fixture)
 
 from align_cli.errors import UserError
 from align_cli.eval.judges.reward_model import RewardModelJudge
-from align_cli.rankers import RewardModelRanker
+from align_cli.iterative.rankers import RewardModelRanker
 from align_cli.reward_model import RewardModelScorer
 from align_cli.rl.rewards import build_reward
 

@@ -18,8 +18,8 @@ from align_cli import run_dir as rd
 from align_cli.checkpoint import list_checkpoints
 from align_cli.config import Recipe
 from align_cli.errors import UserError
+from align_cli.pairwise.trainer import train
 from align_cli.recipe import load_recipe
-from align_cli.trainer import train
 
 
 def run(recipe_path, *overrides, **kwargs):

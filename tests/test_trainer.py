@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from align_cli.checkpoint import list_checkpoints
 from align_cli.errors import UserError
 from align_cli.lifecycle import Interrupted
+from align_cli.pairwise.trainer import train
 from align_cli.recipe import load_recipe
-from align_cli.trainer import train
 
 
 def run(recipe_path, *overrides, **kwargs):

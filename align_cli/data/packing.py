@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import TrainingConfig
+from ..errors import UserError
 from .batching import GROUP_COLUMNS, GroupedBatch, collate_groups, seeded_permutation
 
 PAD_MULTIPLE = 128
@@ -208,3 +210,15 @@ class TokenBudgetOrder:
             k -= count
             epoch += 1
         return self.epoch_batches(epoch)[k * self.world_size + self.rank]
+
+
+def packing_enabled(training: TrainingConfig) -> bool:
+    if training.packing == "auto":
+        return torch.cuda.is_available()
+    return bool(training.packing)
+
+
+def check_packing_settings(training: TrainingConfig) -> None:
+    if training.max_tokens_per_batch and not packing_enabled(training):
+        raise UserError("training.max_tokens_per_batch fills micro-batches with packed tokens: set "
+                        "training.packing: true (packing is off on CPU unless asked for).")

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from ..losses import LABEL_INPUTS, SEQUENCE_GROUPS
+from .render import render_prompt_and_completion, tokenise_with_prompt
 
 REQUIRED = ("chosen", "rejected")
 
@@ -106,54 +107,6 @@ def apply_column_mapping(dataset, mapping: dict[str, str], source: str):
     return dataset
 
 
-def _with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    if system_prompt and not (messages and messages[0].get("role") == "system"):
-        return [{"role": "system", "content": system_prompt}, *messages]
-    return messages
-
-
-def render_prompt_and_completion(tokenizer, prompt, completion, system_prompt: str | None = None) -> tuple[str, str]:
-    """The prompt text and the completion text that follows it, chat template applied when conversational."""
-    if isinstance(prompt, str) and isinstance(completion, str):
-        eos = tokenizer.eos_token or ""
-        return prompt, completion if completion.endswith(eos) else completion + eos
-    if isinstance(prompt, str) or isinstance(completion, str):
-        raise ValueError("prompt and completion must both be strings or both be chat message lists")
-    prompt = _with_system_prompt(list(prompt), system_prompt)
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(prompt + list(completion), tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-    return prompt_text, full_text[len(prompt_text):]
-
-
-def _prompt_ids(tokenizer, text: str, conversational: bool) -> list[int]:
-    # A rendered chat template already holds its special tokens; raw text gets the tokenizer's own.
-    return tokenizer(text, add_special_tokens=not conversational)["input_ids"]
-
-
-def common_prefix_length(first: list[int], second: list[int]) -> int:
-    length = 0
-    for a, b in zip(first, second):
-        if a != b:
-            break
-        length += 1
-    return length
-
-
-def tokenise_with_prompt(tokenizer, prompt_text: str, completion_texts: dict[str, str],
-                         conversational: bool) -> tuple[list[int], dict[str, list[int]], bool]:
-    """`(prompt_ids, {name: completion_ids}, boundary_moved)`: every completion is tokenised together with the
-    prompt, so that `prompt_ids + completion_ids` equals the tokenisation of the concatenated text, and starts
-    where the shared prompt tokens end (the shortest common prefix with the prompt alone, as TRL 1.16 does).
-    `boundary_moved`: the prompt alone tokenises differently at its end (tokens merge across the boundary)."""
-    prompt_alone = _prompt_ids(tokenizer, prompt_text, conversational)
-    together = {name: _prompt_ids(tokenizer, prompt_text + text, conversational)
-                for name, text in completion_texts.items()}
-    start = min(common_prefix_length(prompt_alone, ids) for ids in together.values())
-    return prompt_alone[:start], {name: ids[start:] for name, ids in together.items()}, start < len(prompt_alone)
-
-
 def tokenise_pair(row: dict, tokenizer, settings: TokenisationSettings) -> dict:
     """One preference row -> prompt ids, chosen ids, rejected ids (truncated per the policy), plus the
     extra sequences of `settings.groups` (gold ids, SRPO revision prompt ids)."""
@@ -163,7 +116,7 @@ def tokenise_pair(row: dict, tokenizer, settings: TokenisationSettings) -> dict:
         row = complete_prompt(row)
     revisions = settings.revision_template is not None
     if revisions:
-        from ..srpo import Templates, generation_prompt
+        from .render import Templates, generation_prompt
 
         plain_row = {**row, "prompt": generation_prompt(row["prompt"], Templates(settings.generate_template,
                                                                                  settings.revision_template))}

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import warnings
 
-from ..srpo import Templates, answer_text, revision_prompt
-from .preference import _prompt_ids, render_prompt_and_completion
+from .render import Templates, answer_text, prompt_token_ids, render_prompt_and_completion, revision_prompt
 
 REVISION_GROUPS = ("chosen_given_rejected", "rejected_given_rejected", "chosen_given_chosen", "rejected_given_chosen")
 
@@ -36,7 +35,7 @@ def _revision_prompt_ids(row, example: str, example_ids: list[int], keep: int, t
     if completion_text != expected_completion:
         raise ValueError("the chat template renders the completion differently after the revision prompt; "
                          "SRPO needs the same completion tokens in both prompts")
-    return _prompt_ids(tokenizer, prompt_text, not isinstance(prompt, str))
+    return prompt_token_ids(tokenizer, prompt_text, not isinstance(prompt, str))
 
 
 def tokenise_revision_prompts(row: dict, completion_room: int, completion_length: int, tokenizer, settings,

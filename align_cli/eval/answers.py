@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from ..data.render import Templates
 from ..generation import SamplingSettings, instruction_prompt
-from ..srpo import Templates, self_revise
+from ..self_revision import self_revise
 from .formats import model_output_row, read_records, write_json
 
 

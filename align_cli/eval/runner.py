@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..generation import SamplingSettings
-from ..srpo import templates_for_model
+from ..self_revision import templates_for_model
 from .answers import generate_outputs
 from .formats import join_references, load_difficulty, load_instruction_set, write_json
 from .judges import JudgeSettings, make_judge

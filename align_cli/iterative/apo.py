@@ -23,15 +23,15 @@ from ..checkpoint import write_json_atomic
 from ..config import Recipe
 from ..data.sources import train_prompt_rows
 from ..errors import UserError
-from ..extrapolation import AnchorLogps, NormaliserSamples, anchor_terms, needs_normalised_anchor
 from ..generation import SamplingSettings
 from ..lifecycle import write_summary
-from ..rankers import make_ranker, win_probabilities
 from ..run_dir import holds_run_directory
 from ..run_setup import load_task_rows
-from ..sampling import Sampler
 from . import loop
+from .extrapolation import AnchorLogps, NormaliserSamples, anchor_terms, needs_normalised_anchor
 from .pairs import as_row, best_vs_worst
+from .rankers import make_ranker, win_probabilities
+from .sampling import Sampler
 
 TABLE = [("iteration", "iter"), ("sample_from", "sampled from"), ("pairs", "pairs"), ("tied_prompts", "ties"),
          ("sample_accuracy", "sample acc"), ("sample_mean_score", "sample score"), ("steps", "steps"),

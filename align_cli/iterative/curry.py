@@ -29,12 +29,12 @@ from ..data.sources import load_source, train_prompt_rows
 from ..errors import UserError
 from ..generation import SamplingSettings
 from ..lifecycle import write_summary
-from ..rankers import make_ranker
 from ..run_dir import holds_run_directory
 from ..run_setup import load_task_rows
-from ..sampling import Sampler
 from . import loop
 from .pairs import Pair, as_row, best_vs_each, curriculum_stages, easy_to_hard, order_by
+from .rankers import make_ranker
+from .sampling import Sampler
 
 TABLE = [("stage", "stage"), ("pairs", "pairs"), ("mean_gap", "mean gap"), ("steps", "steps"),
          ("train_loss", "train loss"), ("train_reward_accuracy", "train acc"), ("eval_reward_accuracy", "eval pair acc"),
@@ -91,7 +91,7 @@ def reference_margins(recipe: Recipe, rows: list[dict]) -> list[float]:
 
     from ..data.preference import TokenisationSettings, tokenise_preferences
     from ..models import load_for_inference, load_tokenizer, resolve_dtype
-    from ..reference import LiveReference, compute_rows
+    from ..pairwise.reference import LiveReference, compute_rows
 
     tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template)
     dataset, _ = tokenise_preferences(datasets.Dataset.from_list(rows), tokenizer, TokenisationSettings.from_recipe(recipe),

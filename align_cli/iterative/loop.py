@@ -108,7 +108,7 @@ def sharded(items: list, compute: Callable[[list, int], list]) -> list:
 
 def require_reference_loss(recipe: Recipe) -> None:
     """APO and Curry-DPO work through the reference (the anchor, the previous stage): a loss must use one."""
-    from ..objective import Objective
+    from ..pairwise.objective import Objective
 
     if not Objective(recipe.method.losses).needs_reference:
         names = ", ".join(term.name for term in recipe.method.losses)
@@ -129,7 +129,7 @@ def train_stage(recipe: Recipe, folder: Path, reference_logps=None, on_step_end=
     """Run the pairwise trainer into `folder`: its summary when it finished before, a resume from its last
     checkpoint that verifies when it stopped part-way, else a fresh start (replacing a start killed before any
     complete checkpoint). `allow_recipe_change`: the iterative run's --allow-recipe-change."""
-    from ..trainer import train
+    from ..pairwise.trainer import train
 
     summary_path = folder / "summary.json"
     if summary_path.exists():
@@ -146,7 +146,7 @@ def set_threads(recipe: Recipe) -> None:
 
 def task_evaluation(location: str, recipe: Recipe, rows: list[dict]) -> dict:
     """Greedy held-out task accuracy of a checkpoint (the verifier of `evaluation.task`)."""
-    from ..evaluation import task_accuracy
+    from ..measurements import task_accuracy
     from ..models import load_for_inference, load_tokenizer, resolve_dtype
 
     if not rows:
@@ -164,12 +164,12 @@ PROCESS_SEED_STRIDE = 1_000_003
 
 
 def sample_across_processes(sampler, tokenizer, prompts: list, settings, workdir: Path, **engine_options):
-    """`sampling.sample_responses` with the prompts split across the processes (`sharded`). With one process
+    """`iterative.sampling.sample_responses` with the prompts split across the processes (`sharded`). With one process
     it is exactly `sample_responses`; with several, process r samples with seed + r * PROCESS_SEED_STRIDE,
     so the samples depend on the process count (like the data order of a distributed run)."""
     from dataclasses import replace
 
-    from ..sampling import sample_responses
+    from .sampling import sample_responses
 
     made: dict = {}
 

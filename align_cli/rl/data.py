@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from ..config import Recipe
 from ..data.batching import seeded_permutation
+from ..data.render import render_prompts
 from ..data.sources import train_prompt_rows
 from ..errors import UserError
-from ..generation import render_prompts
 
 
 def load_prompt_rows(recipe: Recipe, tokenizer) -> tuple[list[dict], dict]:

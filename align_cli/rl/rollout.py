@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from ..data.batching import pad_sequences
-from ..generation import render_prompts
+from ..data.render import render_prompts
+from ..generation import SamplingSettings, decode
 from ..logprobs import sequence_logps
 from ..models import unwrap
 
@@ -78,90 +79,30 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return stops
 
 
-def _cut(tokens: list[int], stops: set[int]) -> tuple[list[int], bool]:
-    """The completion up to and including its first stop token; truncated when it has none."""
-    for position, token in enumerate(tokens):
-        if token in stops:
-            return tokens[: position + 1], False
-    return tokens, True
-
-
-@torch.no_grad()
 def generate_rollouts(model, tokenizer, rows: list[dict], num_generations: int, *, max_new_tokens: int,
                       temperature: float, top_p: float, seed: int, batch_size: int,
                       system_prompt: str | None = None, logits_processor=None, fast: bool | None = None) -> Rollouts:
-    """`num_generations` sampled completions for each row's `prompt` (chat template applied to messages).
-    `fast` (None: `fast_generation.wanted`, the default on CUDA): all of them in one
-    `fast_generation.fast_generate` call, seeds per (seed, prompt index, sample index). Otherwise, and always
-    with a `logits_processor` (HAPO's adaptive temperature records per `generate` row), transformers
-    `generate` in batches of `batch_size` prompts."""
-    from transformers import LogitsProcessorList
-
-    from .. import fast_generation
-
-    processors = [logits_processor] if logits_processor is not None else []
-    if fast is None:
-        fast = fast_generation.wanted(model, processors)
-    if fast and fast_generation.blocker(model, processors) is None:
-        return _fast_rollouts(model, tokenizer, rows, num_generations, max_new_tokens=max_new_tokens,
-                              sampling=fast_generation.Sampling(temperature, top_p, seed), system_prompt=system_prompt)
-    policy = unwrap(model)
-    was_training = policy.training
-    policy.eval()
-    device = next(policy.parameters()).device
-    stops = stop_token_ids(policy, tokenizer)
+    """`num_generations` sampled completions for each row's `prompt` (chat template applied to messages), through
+    the one decode loop (`generation.decode`: the fast path by default on CUDA; transformers `generate` in batches
+    of `batch_size` prompts otherwise, and always with a `logits_processor`, whose records, HAPO's adaptive
+    temperature, are per `generate` row)."""
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                num_samples=num_generations, seed=seed, batch_size=batch_size)
     texts = render_prompts(tokenizer, [row["prompt"] for row in rows], system_prompt)
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    prompt_ids, completion_ids, truncated = [], [], []
-    temperatures, sampling_entropies = [], []  # filled when the processor records them (HAPO)
-    records = hasattr(logits_processor, "take_records")
-    try:
-        for start in range(0, len(texts), batch_size):
-            encoded = tokenizer(texts[start: start + batch_size], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(device)
-            torch.manual_seed(seed + start)
-            generated = policy.generate(
-                **encoded, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
-                top_k=None, num_return_sequences=num_generations, pad_token_id=tokenizer.pad_token_id,
-                logits_processor=LogitsProcessorList([logits_processor] if logits_processor is not None else []),
-            )
-            width = encoded["input_ids"].shape[1]
-            factors, entropies = logits_processor.take_records() if records else (None, None)
-            for index, sequence in enumerate(generated.tolist()):
-                prompt_row = index // num_generations
-                mask = encoded["attention_mask"][prompt_row].bool()
-                prompt_ids.append(encoded["input_ids"][prompt_row][mask].tolist())
-                completion, cut_short = _cut(sequence[width:], stops)
-                completion_ids.append(completion)
-                truncated.append(cut_short)
-                if records:  # generate's own warper divides by `temperature` after the processor's factor
-                    temperatures.append((factors[index, : len(completion)] * temperature).tolist())
-                    sampling_entropies.append(entropies[index, : len(completion)].tolist())
-    finally:
-        tokenizer.padding_side = padding_side
-        policy.train(was_training)
+    processor_for = (lambda _encoded, _n: logits_processor) if logits_processor is not None else None
+    decoded = decode(model, tokenizer, texts, settings, stop_token_ids(model, tokenizer), processor_for=processor_for,
+                     fast=fast)
+    records = decoded.records
     return Rollouts(
-        prompt_ids, completion_ids, tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
-        torch.tensor(truncated, dtype=torch.bool),
+        [ids for ids in decoded.prompt_ids for _ in range(num_generations)], decoded.completion_ids,
+        tokenizer.batch_decode(decoded.completion_ids, skip_special_tokens=True),
+        torch.tensor([not stopped for stopped in decoded.stopped], dtype=torch.bool),
         torch.arange(len(rows)).repeat_interleave(num_generations),
         [row for row in rows for _ in range(num_generations)],
-        temperatures if records else None, sampling_entropies if records else None,
-    )
-
-
-def _fast_rollouts(model, tokenizer, rows, num_generations, *, max_new_tokens, sampling, system_prompt) -> Rollouts:
-    from ..fast_generation import fast_generate
-
-    texts = render_prompts(tokenizer, [row["prompt"] for row in rows], system_prompt)
-    prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    out = fast_generate(model, prompt_ids, num_generations, max_new_tokens, sampling, stop_token_ids(model, tokenizer))
-    return Rollouts(
-        [ids for ids in prompt_ids for _ in range(num_generations)], out.tokens,
-        tokenizer.batch_decode(out.tokens, skip_special_tokens=True),
-        torch.tensor([not stopped for stopped in out.stopped], dtype=torch.bool),
-        torch.arange(len(rows)).repeat_interleave(num_generations),
-        [row for row in rows for _ in range(num_generations)], sampler_logps=out.tempered_logps,
+        # generate's own warper divides by `temperature` after the processor's factor
+        [(factors * temperature).tolist() for factors, _ in records] if records is not None else None,
+        [entropies.tolist() for _, entropies in records] if records is not None else None,
+        sampler_logps=decoded.sampler_logps,
     )
 
 

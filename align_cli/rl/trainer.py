@@ -26,7 +26,6 @@ from ..config import Recipe
 from ..distributed import requested_sharding_engine
 from ..divergence import CollapseMonitor, DivergenceGuard
 from ..errors import UserError
-from ..evaluation import task_accuracy
 from ..lifecycle import (
     StopFlag,
     end_optimiser_step,
@@ -41,16 +40,10 @@ from ..losses import LOSSES, hyperparameters, tensor_inputs, used_inputs
 from ..losses.d3s import d3s_schedule
 from ..losses.hapo import EntropyStats, entropy_signal
 from ..losses.rl import AGGREGATIONS
-from ..metrics import MetricsLog, progress_bar
-from ..models import (
-    apply_lora,
-    freeze,
-    load_causal_lm,
-    resolve_dtype,
-    resolve_model_location,
-    unwrap,
-)
+from ..measurements import task_accuracy
+from ..models import apply_lora, freeze, load_causal_lm, resolve_dtype, resolve_model_location, unwrap
 from ..run_dir import begin_writing, holds_run_directory
+from ..run_log import MetricsLog, progress_bar
 from ..run_setup import RunInputs, load_task_rows, start_run
 from .advantages import Selection, advantages_of, d3s_selection, informative_groups
 from .data import PromptOrder, load_prompt_rows

@@ -108,6 +108,9 @@ def optimise(model, batch: TrainBatch, *, loss_function: Callable, params: dict,
     non-finite micro-batch loss makes the summed loss non-finite, so none escapes.
     """
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
+    # One generator per step, drawn once per pass: `seed` is already the step's own (rl.trainer._seed), so the
+    # orders are a pure function of (seed, step) on every process and on resume, as data.batching.seeded_permutation's
+    # are for epochs; kept apart from it so that runs made before the restructuring replay their mini-batches.
     generator = torch.Generator().manual_seed(seed)
     results = []
     for _ in range(passes):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .engine import Engine, TransformersEngine, VLLMEngine, choose_engine
+from ..engine import Engine, TransformersEngine, VLLMEngine, choose_engine
+from ..generation import SamplingSettings
+from ..models import load_for_inference, resolve_model_location
 from .extrapolation import extrapolated_logits_factory, extrapolated_weights, save_directory
-from .generation import SamplingSettings
-from .models import load_for_inference, resolve_model_location
 
 SAMPLE_FROM = ("extrapolated_logits", "extrapolated_weights", "policy")
 

@@ -4,60 +4,14 @@ One network plays two roles (Choi et al., ICLR 2025, "Self-Improving Robust Pref
 arXiv:2406.01660): the generative policy `pi(y|x)` answers the plain prompt; the self-improvement policy
 `pi(y'|x, y)` answers the same prompt with a previous answer `y` shown as an example to improve on.
 Training (data/srpo.py), reference scoring and inference (`self_revise`) all build prompts with
-`generation_prompt` and `revision_prompt`, so the templates cannot drift apart.
+`data.render.generation_prompt` and `revision_prompt`, so the templates cannot drift apart.
 
 Inference: `y_0 ~ pi(.|x)`, then `y_{k+1} ~ pi(.|x, y_k)` for k revisions; every revision is kept.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from .config import DEFAULT_REVISION_TEMPLATE
-
-
-@dataclass(frozen=True)
-class Templates:
-    generate: str = "{prompt}"
-    revision: str = DEFAULT_REVISION_TEMPLATE
-
-    @classmethod
-    def from_config(cls, srpo_config) -> Templates:
-        return cls(srpo_config.generate_template, srpo_config.revision_template)
-
-
-def _fill(template: str, prompt: str, example: str = "") -> str:
-    # str.replace, not str.format: prompts and answers may contain braces.
-    return template.replace("{example}", example).replace("{prompt}", prompt)
-
-
-def _apply(prompt, text_of):
-    """Apply `text_of(content)` to a string prompt, or to the last user message of a chat prompt."""
-    if isinstance(prompt, str):
-        return text_of(prompt)
-    messages = [dict(message) for message in prompt]
-    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
-    if last_user is None:
-        raise ValueError("an SRPO chat prompt needs a user message to put the template in")
-    messages[last_user]["content"] = text_of(messages[last_user]["content"])
-    return messages
-
-
-def answer_text(completion) -> str:
-    """The text of a completion: a string, or the content of its assistant messages."""
-    if isinstance(completion, str):
-        return completion
-    return "\n".join(str(m.get("content", "")) for m in completion if m.get("role", "assistant") == "assistant")
-
-
-def generation_prompt(prompt, templates: Templates):
-    """The generative policy's prompt `x` (string or chat messages)."""
-    return _apply(prompt, lambda content: _fill(templates.generate, content))
-
-
-def revision_prompt(prompt, example: str, templates: Templates):
-    """The self-improvement policy's prompt `(x, y)`: the prompt with `example` shown to improve on."""
-    return _apply(prompt, lambda content: _fill(templates.revision, content, example))
+from .data.render import Templates, generation_prompt, revision_prompt
 
 
 def self_revise(engine, prompts: list, revisions: int, settings, templates: Templates = Templates(),
@@ -141,53 +95,3 @@ def templates_for_model(model: str, recipe_path: str | None = None) -> tuple[Tem
     return Templates(), None, "defaults"
 
 
-def generate_to_file(model_name: str, prompts_source: str, split: str, output: str, revisions: int, settings,
-                     num_prompts: int | None = None, recipe_path: str | None = None, engine: str = "auto",
-                     revision_settings=None, raw: bool = False) -> dict:
-    """`align generate`: answer every prompt, revise each answer `revisions` times, and write one JSON line per
-    prompt with `revisions: [y_0, ..., y_K]` (and, where the rows carry an `answer`, whether each is correct by the
-    shipped task's verifier). Returns a summary (with per-revision scores when answers exist).
-
-    `model_name` may be a run directory of `align train` (its final_model/, as `align eval` takes it); string
-    prompts go through the chat template unless `raw`, by the rule `align eval` follows (`instruction_prompt`)."""
-    import json
-    from pathlib import Path
-
-    from . import tasks
-    from .config import ModelConfig
-    from .data.sources import load_source
-    from .engine import open_engine
-    from .errors import UserError
-    from .eval.runner import resolve_model_dir
-    from .generation import instruction_prompt
-    from .models import load_tokenizer, resolve_dtype
-
-    model_name = resolve_model_dir(model_name)
-    dataset = load_source(prompts_source, split)
-    if "prompt" not in dataset.column_names:
-        raise UserError(f"Prompts '{prompts_source}' need a 'prompt' column (string or chat messages); found "
-                        f"{', '.join(dataset.column_names)}.")
-    rows = [dataset[i] for i in range(min(num_prompts or len(dataset), len(dataset)))]
-    templates, system_prompt, origin = templates_for_model(model_name, recipe_path)
-    config = ModelConfig(name=model_name)
-    served_by = open_engine(model_name, load_tokenizer(config), config, resolve_dtype("auto"), engine, system_prompt,
-                            settings.seed)
-    try:
-        asked = [instruction_prompt(r["prompt"], raw) for r in rows]
-        chains = self_revise(served_by, asked, revisions, settings, templates, revision_settings)
-    finally:
-        served_by.close()
-    with_answers = all("answer" in r and r["answer"] is not None for r in rows)
-    path = Path(output).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        for row, chain in zip(rows, chains):
-            record = {"prompt": row["prompt"], "revisions": chain}
-            if with_answers:
-                record.update(answer=row["answer"], correct=[tasks.is_correct(text, row["answer"]) for text in chain])
-            handle.write(json.dumps(record) + "\n")
-    summary = {"output": str(path), "model": model_name, "prompts": len(rows), "revisions": revisions,
-               "templates": origin, "raw": raw, "engine": served_by.name}
-    if with_answers:
-        summary.update(revision_scores(chains, [r["answer"] for r in rows], tasks.is_correct))
-    return summary

@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor
 
-from .models import freeze, load_causal_lm
-from .reference import LiveReference, cache_key, cached_or_computed, model_identity
+from ..models import freeze, load_causal_lm
+from ..pairwise.reference import LiveReference, cache_key, cached_or_computed, model_identity
 
 
 def needs_normalised_anchor(terms) -> list[str]:
     """The names of the recipe's loss terms (`LossTerm`s) that a per-prompt shift of the reference (the anchor's
     missing -log Z(x)) changes: every loss with a reference that does not declare it sees only the reference
     margin of one prompt (losses.reference_margin_only)."""
-    from .losses import LOSSES, needs_reference, reference_margin_only
+    from ..losses import LOSSES, needs_reference, reference_margin_only
 
     def shift_invariant(term) -> bool:
         function = LOSSES[term.name]
@@ -139,7 +139,7 @@ def _tokenised_samples(run, normaliser: NormaliserSamples) -> TokenisedSamples:
     tokenisation drops are left out."""
     import dataclasses
 
-    from .data.preference import tokenise_pair
+    from ..data.preference import tokenise_pair
 
     settings = dataclasses.replace(run.tokenisation, groups=("chosen", "rejected"), generate_template=None,
                                    revision_template=None)
@@ -160,8 +160,8 @@ def _tokenised_samples(run, normaliser: NormaliserSamples) -> TokenisedSamples:
 def _completion_logps(model, samples: TokenisedSamples, pad_id: int, batch_size: int, device,
                       fused: bool) -> torch.Tensor:
     """Summed completion log-probs of every sampled response under `model`, `[N]` float32 on the CPU."""
-    from .data.batching import pad_sequences
-    from .logprobs import sequence_logps
+    from ..data.batching import pad_sequences
+    from ..logprobs import sequence_logps
 
     sums = []
     for start in range(0, len(samples.prompt_ids), batch_size):
@@ -185,7 +185,7 @@ def subtract_log_normaliser(table: dict[str, torch.Tensor], prompt_ids, log_z: d
                             groups: list[str]) -> int:
     """Subtract `log Z(x)` from the reference log-probs of every row whose prompt has an estimate, in every group
     that continues the plain prompt (chosen, rejected, gold); returns how many rows had none."""
-    from .data.batching import GROUP_COLUMNS
+    from ..data.batching import GROUP_COLUMNS
 
     shift = torch.tensor([log_z.get(tuple(ids), math.nan) for ids in prompt_ids], dtype=torch.float64)
     known = ~torch.isnan(shift)

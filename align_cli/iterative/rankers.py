@@ -30,8 +30,8 @@ import re
 from itertools import combinations
 from pathlib import Path
 
-from . import tasks
-from .errors import UserError
+from .. import tasks
+from ..errors import UserError
 
 _EQUATION = re.compile(r"\s*-?\d+\s*[-+*]\s*-?\d+\s*=\s*-?\d+\s*\.?\s*")
 
@@ -87,7 +87,7 @@ class RewardModelRanker:
     `align eval`'s judge): the full conversation, in the reward model's chat template when it has one."""
 
     def __init__(self, location: str, batch_size: int):
-        from .reward_model import RewardModelScorer
+        from ..reward_model import RewardModelScorer
 
         self.scorer = RewardModelScorer(location, batch_size=batch_size)
         self.name = self.scorer.name
@@ -154,8 +154,8 @@ def make_ranker(config, cache_dir: Path | None = None):
             raise UserError("ranker.name reward_model needs ranker.model: a local sequence-classification model directory.")
         return RewardModelRanker(config.model, config.batch_size)
     if config.name == "judge":
-        from .eval.judges.cache import JudgmentCache
-        from .eval.judges.openai_judge import OpenAIJudge
+        from ..eval.judges.cache import JudgmentCache
+        from ..eval.judges.openai_judge import OpenAIJudge
 
         base_url = os.environ.get(config.base_url_env)
         if not base_url:

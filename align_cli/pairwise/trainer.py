@@ -15,13 +15,12 @@ from typing import Callable
 
 import torch
 
-from .config import Recipe
-from .data.batching import DataOrder, GroupedBatch, collate_groups
-from .distributed import configure_engine, mark_sharded_for_generation, prepare_reference
-from .divergence import CollapseMonitor, DivergenceGuard, gradient_norm
-from .errors import UserError
-from .evaluation import evaluate_pairs, task_accuracy
-from .lifecycle import (
+from ..config import Recipe
+from ..data.batching import DataOrder, collate_groups
+from ..distributed import configure_engine, mark_sharded_for_generation, prepare_reference
+from ..divergence import CollapseMonitor, DivergenceGuard, gradient_norm
+from ..errors import UserError
+from ..lifecycle import (
     StopFlag,
     end_optimiser_step,
     finish,
@@ -31,13 +30,14 @@ from .lifecycle import (
     timing,
     write_summary,
 )
-from .logprobs import sequence_logps
-from .methods import METHODS
-from .metrics import MetricsLog, progress_bar
-from .objective import Objective
+from ..measurements import task_accuracy
+from ..methods import METHODS
+from ..run_dir import holds_run_directory
+from ..run_log import MetricsLog, progress_bar
+from ..run_setup import RunInputs, prepare_run
+from .heldout import evaluate_pairs
+from .objective import Objective, objective_forward
 from .reference import CachedReference, LiveReference, cache_key, cached_or_computed, model_identity
-from .run_dir import holds_run_directory
-from .run_setup import RunInputs, prepare_run
 from .throughput import collate_for, data_order
 
 
@@ -77,18 +77,6 @@ def build_reference(run: RunInputs, objective: Objective, train_rows: list[int],
     return providers, {"reference": "cached", "reference_rows_computed": computed}
 
 
-def objective_forward(model, batch: GroupedBatch, objective: Objective, reference, fused: bool):
-    """One forward of the policy over every group the objective needs, then the loss."""
-    policy = sequence_logps(model, batch.sequences, fused=fused)
-    tensors = {f"policy_{name}": policy.sums[positions] for name, positions in batch.groups.items()}
-    tensors.update({f"{name}_lengths": lengths for name, lengths in batch.lengths.items()})
-    tensors.update(batch.labels)
-    if reference is not None:
-        tensors.update(reference(batch))
-    loss, metrics = objective(tensors)
-    return loss, metrics, tensors
-
-
 def _mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
     """Each process logs the same numbers: the mean over all processes' micro-batches."""
     if accelerator.num_processes == 1:
@@ -111,7 +99,8 @@ def _measure(run: RunInputs, model, objective, reference) -> dict:
         results.update(task_accuracy(model, run.tokenizer, run.task_rows, recipe.evaluation.max_new_tokens,
                                      recipe.evaluation.batch_size, recipe.data.system_prompt))
         if METHODS[recipe.method.name].revision_evaluation and recipe.method.srpo.revisions:
-            from .srpo import Templates, revision_evaluation
+            from ..data.render import Templates
+            from ..self_revision import revision_evaluation
 
             srpo = recipe.method.srpo
             results.update(revision_evaluation(model, run.tokenizer, run.task_rows, srpo.revisions,

@@ -1,4 +1,5 @@
-"""A recipe's weighted sum of loss terms, and which sequence groups it needs computed."""
+"""A recipe's weighted sum of loss terms, which sequence groups it needs computed, and the one forward of the
+policy (and reference) that feeds it (`objective_forward`: training and the held-out pairs alike)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import LossTerm
-from .losses import LOSSES, SEQUENCE_GROUPS, used_inputs
+from ..config import LossTerm
+from ..data.batching import GroupedBatch
+from ..logprobs import sequence_logps
+from ..losses import LOSSES, SEQUENCE_GROUPS, used_inputs
 
 
 @dataclass(frozen=True)
@@ -67,3 +70,15 @@ class Objective:
             metrics[f"loss/{term.name}"] = float(mean.detach())
             metrics.update({k: float(v) for k, v in term_metrics.items()})
         return total, metrics
+
+
+def objective_forward(model, batch: GroupedBatch, objective: Objective, reference, fused: bool):
+    """One forward of the policy over every group the objective needs, then the loss."""
+    policy = sequence_logps(model, batch.sequences, fused=fused)
+    tensors = {f"policy_{name}": policy.sums[positions] for name, positions in batch.groups.items()}
+    tensors.update({f"{name}_lengths": lengths for name, lengths in batch.lengths.items()})
+    tensors.update(batch.labels)
+    if reference is not None:
+        tensors.update(reference(batch))
+    loss, metrics = objective(tensors)
+    return loss, metrics, tensors

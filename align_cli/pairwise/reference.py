@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .data.batching import GroupedBatch, collate_groups
-from .logprobs import sequence_logps
-from .paths import cache_root
+from ..data.batching import GroupedBatch, collate_groups
+from ..logprobs import sequence_logps
+from ..paths import cache_root
 
 
 def model_identity(location: str) -> dict:
