@@ -245,6 +245,7 @@ def main() -> None:
     parser.add_argument("--spread", nargs="+", type=int, default=[0])
     parser.add_argument("--only", nargs="*", default=[], help="method:sequences:new_tokens limits for slow methods")
     parser.add_argument("--grpo", action="store_true")
+    parser.add_argument("--grpo-repeats", type=int, default=1, help="GRPO steps timed (median per phase reported)")
     parser.add_argument("--check", action="store_true", help="greedy agreement of ours with generate first")
     parser.add_argument("--warmup", nargs="*", default=["static_compile", "hf_cb", "ours", "ours_compiled"])
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (tokens_per_s: their median)")
@@ -290,7 +291,12 @@ def main() -> None:
                             json.dump(report, handle, indent=1)
         if args.grpo and shape == "0.5b":
             try:
-                report["grpo"] = grpo_step(model, 512, args.new_tokens[0])
+                steps = [grpo_step(model, 512, args.new_tokens[0]) for _ in range(args.grpo_repeats)]
+                report["grpo"] = {"runs": steps, "median_seconds": {
+                    phase: sorted(s["seconds"][phase] for s in steps)[len(steps) // 2] for phase in steps[0]["seconds"]}}
+                total = sum(report["grpo"]["median_seconds"].values())
+                report["grpo"]["median_fraction"] = {k: round(v / total, 3)
+                                                     for k, v in report["grpo"]["median_seconds"].items()}
             except Exception as error:
                 report["grpo"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
             print("grpo", json.dumps(report["grpo"]), flush=True)
