@@ -58,7 +58,10 @@ def shards_parameters(accelerator) -> bool:
 
 
 def configure_engine(accelerator, recipe) -> None:
-    """Fill the DeepSpeed config from the recipe before `prepare` (no data loader tells it the batch size)."""
+    """What the engine takes from the run before `prepare`: FSDP2's mixed precision policy; the DeepSpeed config's
+    batch size and clipping from the recipe (no data loader tells it the batch size)."""
+    if engine_name(accelerator) == "fsdp2":
+        accelerator.state.fsdp_plugin.mixed_precision_policy = fsdp2_mixed_precision(accelerator.mixed_precision)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
@@ -73,17 +76,34 @@ def configure_engine(accelerator, recipe) -> None:
         config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
 
 
+def fsdp2_mixed_precision(mixed_precision: str):
+    """FSDP2's policy for `training.precision`: each unit gathers its parameters in the 16-bit dtype, reduces the
+    gradients in fp32 onto the fp32 master weights, and leaves its outputs in the dtype they were computed in.
+    Accelerate's policy for "bf16" also casts every unit's outputs, the LM head's included: the fp32 per-token
+    log-probs the head computes (`logprobs.sequence_logps`) would be rounded to bf16 (8 bits, ~0.03 on a log-prob
+    of -10), and the gradients are reduced in bf16. None (no casts) in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if dtype is None:
+        return None
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=None)
+
+
 def prepare_reference(accelerator, reference, policy, context_factory):
     """The frozen reference ready to run beside the prepared policy; returns (model, context factory).
 
-    - the policy itself (LoRA with adapters disabled): already prepared, unchanged;
+    - the policy itself (LoRA with adapters disabled): already prepared; under FSDP2 its adapters stay
+      trainable while disabled (`keeping_trainable`);
     - FSDP2: sharded with the policy's plan (`fully_shard` per decoder layer), in eval mode;
     - ZeRO-3: a DeepSpeed inference engine over parameters already partitioned at load (zero3_init_flag);
     - otherwise: a replica on this process's device, run under the policy's autocast.
     """
+    engine = engine_name(accelerator)
+    if reference is policy and engine == "fsdp2":
+        return reference, keeping_trainable(policy, context_factory)
     if reference is None or reference is policy:
         return reference, context_factory
-    engine = engine_name(accelerator)
     if engine == "fsdp2":
         from accelerate.utils import fsdp2_prepare_model
 
@@ -112,6 +132,28 @@ def prepare_reference(accelerator, reference, policy, context_factory):
 
     reference.eval()
     return reference, context_factory
+
+
+def keeping_trainable(model, context_factory):
+    """`context_factory`, with the parameters of `model` that train on entering it left trainable inside it.
+
+    PEFT's `disable_adapter` also sets requires_grad=False on the adapters. FSDP2 reads which parameters train
+    once, at its first forward: each unit casts its reduced gradients back to the dtype of its trainable
+    parameters (the fp32 master weights), or to nothing when it has none. When that first forward is the
+    adapter-disabled reference's (reference.precompute computes the reference log-probs before any training
+    step), no unit has trainable parameters, and the first backward assigns the bf16 reduced gradients to the
+    fp32 adapters: "attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float"
+    (issue 19). Inside the context the adapters are bypassed, so they still receive no gradient."""
+
+    @contextlib.contextmanager
+    def context():
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        with context_factory():
+            for parameter in trainable:
+                parameter.requires_grad_(True)
+            yield
+
+    return context
 
 
 def _deepspeed_dtype(accelerator) -> torch.dtype | None:
