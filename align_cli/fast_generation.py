@@ -29,9 +29,10 @@ What it does, and why:
 instead: an architecture outside `SUPPORTED_MODEL_TYPES`, sharded parameters (FSDP2 DTensors or DeepSpeed
 ZeRO-3, whose weights exist only gathered inside each module's forward, in lock-step across ranks), a
 generation config that adds processors this path does not run (repetition penalty and the like), or any
-caller's logits processor (APO's extrapolated logits run a second model with a KV cache laid out like
-`generate`'s batch; HAPO's adaptive temperature records per `generate` row): those callers keep
-`generate`. `ALIGN_FAST_GENERATION` picks the default: `auto` (fast on CUDA when not blocked), `1` (also on CPU), `0` (never).
+caller's logits processor without a fast equivalent (APO's extrapolated logits run a second model with a KV
+cache laid out like `generate`'s batch): those callers keep `generate`. HAPO's adaptive temperature has one
+(`AdaptiveSampling`, computed inside the decode step, its factors and entropies recorded per token).
+`ALIGN_FAST_GENERATION` picks the default: `auto` (fast on CUDA when not blocked), `1` (also on CPU), `0` (never).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .losses.hapo import EntropyStats, normalise_entropy
 from .models import decoder, output_head, unwrap
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -98,8 +100,11 @@ def blocker(model, processors=()) -> str | None:
         if value is not None and value != off:
             return f"generation_config.{field}={value!r} adds a processor the fast path does not run"
     for processor in processors:
-        return (f"logits processor {type(processor).__name__}: processors see (and HAPO's records) `generate`'s "
-                f"batch rows, which continuous batching does not keep")
+        if callable(getattr(processor, "fast_sampling", None)):
+            continue  # HAPO's adaptive temperature: `Sampling.adaptive` does the same inside the decode step
+        return (f"logits processor {type(processor).__name__}: processors see `generate`'s batch rows (APO's "
+                f"extrapolation holds a second model's cache laid out like them), which continuous batching does "
+                f"not keep")
     return None
 
 
@@ -181,17 +186,53 @@ def inverse_cdf(probabilities: torch.Tensor, u: torch.Tensor, chunk: int = CDF_C
 
 
 @dataclass(frozen=True)
+class AdaptiveSampling:
+    """HAPO's adaptive temperature on the fast path (align_cli/rl/temperature.py holds the `generate` one and
+    says why): each token is drawn at `T * (1 + tau * ht)`, `ht` the untempered next-token entropy normalised
+    by the previous step's `stats` (`losses.hapo.normalise_entropy`); `stats` None: factor 1, records only.
+    The decode step reads the numbers from one device tensor (`parameters`), so a new step's statistics reuse
+    the compiled and captured step (python floats would be compiled in as constants)."""
+
+    tau: float
+    sign: str = "paper"
+    stats: object = None   # losses.hapo.EntropyStats or None
+
+    def parameters(self, device) -> torch.Tensor:
+        """[quantile, scale, positive_max, negative_min, tau] (tau 0 without statistics: factor exactly 1)."""
+        if self.stats is None:
+            return torch.tensor([0.0, 1.0, 1.0, -1.0, 0.0], dtype=torch.float32, device=device)
+        s = self.stats
+        return torch.tensor([s.quantile, s.scale, s.positive_max, s.negative_min, self.tau], dtype=torch.float32,
+                            device=device)
+
+
+@dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0   # 0: greedy
     top_p: float = 1.0
     seed: int = 0
+    adaptive: AdaptiveSampling | None = None
 
 
-def sample_tokens(logits: torch.Tensor, sampling: Sampling, keys: torch.Tensor,
-                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def adaptive_factors(logits: torch.Tensor, parameters: torch.Tensor, sign: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """HAPO's per-row temperature factor `1 + tau * ht` and the untempered entropy it came from, computed as the
+    `generate` path's processor computes them (softmax in float32, `entr`, `normalise_entropy`)."""
+    entropy = torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(dim=-1)
+    quantile, scale, positive_max, negative_min, tau = parameters.unbind()
+    stats = EntropyStats(quantile, scale, positive_max, negative_min)
+    return 1.0 + tau * normalise_entropy(entropy, stats, sign), entropy
+
+
+def sample_tokens(logits: torch.Tensor, sampling: Sampling, keys: torch.Tensor, positions: torch.Tensor,
+                  adaptive: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Next tokens `[B]`, their log-probs under the sampling distribution (top-p included) and under
-    softmax(z / T) (what the trainer scores; untempered when greedy). `logits` `[B, V]` float32 are the
-    model's raw scores."""
+    softmax(z / T) (what the trainer scores; untempered when greedy), and HAPO's temperature factor and
+    untempered entropy per row (ones and zeros without `sampling.adaptive`; `adaptive` holds its
+    `parameters`). `logits` `[B, V]` float32 are the model's raw scores."""
+    factor = entropy = None
+    if sampling.adaptive is not None and sampling.temperature > 0:
+        factor, entropy = adaptive_factors(logits, adaptive, sampling.adaptive.sign)
+        logits = logits / factor[:, None]   # then the base temperature, in `generate`'s order
     tempered = logits / sampling.temperature if sampling.temperature > 0 else logits
     tempered_logps = tempered - torch.logsumexp(tempered, dim=-1, keepdim=True)
     if sampling.temperature <= 0:
@@ -202,7 +243,9 @@ def sample_tokens(logits: torch.Tensor, sampling: Sampling, keys: torch.Tensor,
         probabilities = scores.softmax(dim=-1)
         tokens = inverse_cdf(probabilities, uniforms(keys, positions))
         sampling_logps = probabilities.gather(1, tokens[:, None]).squeeze(1).log()
-    return tokens, sampling_logps, tempered_logps.gather(1, tokens[:, None]).squeeze(1)
+    if factor is None:
+        factor, entropy = torch.ones_like(sampling_logps), torch.zeros_like(sampling_logps)
+    return tokens, sampling_logps, tempered_logps.gather(1, tokens[:, None]).squeeze(1), factor, entropy
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -296,6 +339,9 @@ class FastOutput:
     sampling_logps: list[list[float]]
     tempered_logps: list[list[float]]
     stats: dict
+    # With `Sampling.adaptive` (HAPO): per token, the temperature factor it was drawn at and the untempered entropy.
+    temperature_factors: list[list[float]] | None = None
+    entropies: list[list[float]] | None = None
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -469,12 +515,17 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
     out_tokens = torch.zeros(slots, max_new_tokens, dtype=torch.long, device=device)
     out_sampling = torch.zeros(slots, max_new_tokens, dtype=torch.float32, device=device)
     out_tempered = torch.zeros(slots, max_new_tokens, dtype=torch.float32, device=device)
+    adaptive = sampling.adaptive.parameters(device) if sampling.adaptive is not None else None
+    out_factor = torch.ones(slots, max_new_tokens, dtype=torch.float32, device=device)
+    out_entropy = torch.zeros(slots, max_new_tokens, dtype=torch.float32, device=device)
     rows = torch.arange(slots, device=device)
 
     results_tokens: list = [None] * total
     results_stopped = [False] * total
     results_sampling: list = [None] * total
     results_tempered: list = [None] * total
+    results_factor: list = [None] * total
+    results_entropy: list = [None] * total
     pending = list(range(total))  # prompt-major order: a prompt's samples are admitted together
     free = list(range(slots))
     held: dict[int, int] = {}     # slot -> sequence (host mirror)
@@ -483,16 +534,17 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
     def record(sequence_slots: list[int], logits: torch.Tensor) -> None:
         """Sample the first token of freshly prefilled slots from their prompt's logits `[n, V]`."""
         index = torch.tensor(sequence_slots, dtype=torch.long, device=device)
-        chosen, s_logp, p_logp = sample_tokens(logits, sampling, slot_key[index], slot_count[index])
-        _store(index, chosen, s_logp, p_logp)
+        _store(index, *sample_tokens(logits, sampling, slot_key[index], slot_count[index], adaptive))
 
-    def _store(index, chosen, s_logp, p_logp) -> None:
+    def _store(index, chosen, s_logp, p_logp, factor, entropy) -> None:
         # Rows that no longer run (finished, free) sample garbage: their outputs stay as they were.
         live = slot_live[index]
         where = slot_count[index].clamp(max=max_new_tokens - 1)
         out_tokens[index, where] = torch.where(live, chosen, out_tokens[index, where])
         out_sampling[index, where] = torch.where(live, s_logp, out_sampling[index, where])
         out_tempered[index, where] = torch.where(live, p_logp, out_tempered[index, where])
+        out_factor[index, where] = torch.where(live, factor, out_factor[index, where])
+        out_entropy[index, where] = torch.where(live, entropy, out_entropy[index, where])
         stopped = torch.isin(chosen, stops)
         slot_stopped[index] = slot_stopped[index] | (stopped & live)
         slot_count[index] = slot_count[index] + live.long()
@@ -572,12 +624,15 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
         stopped = slot_stopped[index].cpu().tolist()
         tokens = out_tokens[index].cpu()
         s_logp, p_logp = out_sampling[index].cpu(), out_tempered[index].cpu()
+        factors, entropies = out_factor[index].cpu(), out_entropy[index].cpu()
         for row, slot in enumerate(done):
             sequence = held.pop(slot)
             n = counts[row]
             results_tokens[sequence] = tokens[row, :n].tolist()
             results_sampling[sequence] = s_logp[row, :n].tolist()
             results_tempered[sequence] = p_logp[row, :n].tolist()
+            results_factor[sequence] = factors[row, :n].tolist()
+            results_entropy[sequence] = entropies[row, :n].tolist()
             results_stopped[sequence] = bool(stopped[row])
         free = sorted(free + done)
 
@@ -595,7 +650,7 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
             dst = torch.tensor(targets, device=device)
             cache.move(src, dst)
             for state in (slot_sequence, slot_key, slot_count, slot_cap, slot_live, slot_stopped, last_tokens,
-                          cache.positions, out_tokens, out_sampling, out_tempered):
+                          cache.positions, out_tokens, out_sampling, out_tempered, out_factor, out_entropy):
                 state[dst] = state[src]
             slot_live[src] = False
             for a, b in zip(movers, targets):
@@ -608,8 +663,7 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
         index = rows[:batch]
 
         def after(logits):
-            chosen, s_logp, p_logp = sample_tokens(logits, sampling, slot_key[:batch], slot_count[:batch])
-            _store(index, chosen, s_logp, p_logp)
+            _store(index, *sample_tokens(logits, sampling, slot_key[:batch], slot_count[:batch], adaptive))
 
         return after
 
@@ -655,5 +709,7 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
         _ACTIVE = previous
         inner.train(was_training)
     stats["graph_batches"] = sorted(steps)
-    return FastOutput(results_tokens, results_stopped, results_sampling, results_tempered, stats)
+    recorded = sampling.adaptive is not None
+    return FastOutput(results_tokens, results_stopped, results_sampling, results_tempered, stats,
+                      results_factor if recorded else None, results_entropy if recorded else None)
 

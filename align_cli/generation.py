@@ -61,7 +61,7 @@ def cut_at_stop(tokens: list[int], stops: set[int]) -> tuple[list[int], bool]:
 
 @torch.no_grad()
 def decode(model, tokenizer, texts: list[str], settings: SamplingSettings, stops: set[int], *,
-           processor_for=None, fast: bool | None = None) -> Decoded:
+           processor_for=None, logits_processor=None, fast: bool | None = None) -> Decoded:
     """The one decode loop of every generating caller (`generate` for text, `rl.rollout.generate_rollouts` for
     token ids): `settings.num_samples` completions of each rendered prompt text, greedy at temperature 0.
 
@@ -69,16 +69,22 @@ def decode(model, tokenizer, texts: list[str], settings: SamplingSettings, stops
     `fast_generation.fast_generate` call, continuous batching, seeds per (seed, prompt index, sample index).
     Otherwise, and always with a `processor_for`, transformers `generate` in batches of `batch_size` prompts,
     seeded per batch. `processor_for(encoded_batch, num_samples)`, called once per batch, gives that batch's logits
-    processor (APO's extrapolated logits hold a second model's KV cache; HAPO's temperature records its rows)."""
+    processor (APO's extrapolated logits hold a second model's KV cache). `logits_processor`: one processor for
+    every batch (HAPO's adaptive temperature, which records per row and has a fast-path equivalent,
+    `fast_sampling()`, so it does not hold the call on the slow path)."""
     from transformers import LogitsProcessorList
 
     from . import fast_generation
 
-    processors = [processor_for] if processor_for is not None else []
+    if logits_processor is not None:
+        if processor_for is not None:
+            raise ValueError("decode takes a processor_for or a logits_processor, not both")
+        processor_for = lambda _encoded, _num_samples: logits_processor  # noqa: E731
+    processors = [p for p in (logits_processor if logits_processor is not None else processor_for,) if p is not None]
     if fast is None:
         fast = fast_generation.wanted(model, processors)
     if fast and fast_generation.blocker(model, processors) is None:
-        return _decode_fast(model, tokenizer, texts, settings, stops)
+        return _decode_fast(model, tokenizer, texts, settings, stops, logits_processor)
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -117,13 +123,20 @@ def decode(model, tokenizer, texts: list[str], settings: SamplingSettings, stops
     return decoded
 
 
-def _decode_fast(model, tokenizer, texts: list[str], settings: SamplingSettings, stops: set[int]) -> Decoded:
+def _decode_fast(model, tokenizer, texts: list[str], settings: SamplingSettings, stops: set[int],
+                 processor=None) -> Decoded:
     from .fast_generation import Sampling, fast_generate
 
     prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    sampling = Sampling(settings.temperature, settings.top_p if settings.temperature > 0 else 1.0, settings.seed)
+    adaptive = processor.fast_sampling() if processor is not None else None
+    sampling = Sampling(settings.temperature, settings.top_p if settings.temperature > 0 else 1.0, settings.seed,
+                        adaptive)
     out = fast_generate(model, prompt_ids, settings.num_samples, settings.max_new_tokens, sampling, stops)
-    return Decoded(prompt_ids, out.tokens, list(out.stopped), sampler_logps=out.tempered_logps)
+    records = None
+    if out.temperature_factors is not None:
+        processor.count_factors(out.temperature_factors)
+        records = [(torch.tensor(f), torch.tensor(e)) for f, e in zip(out.temperature_factors, out.entropies)]
+    return Decoded(prompt_ids, out.tokens, list(out.stopped), sampler_logps=out.tempered_logps, records=records)
 
 
 def generate(model, tokenizer, prompts: list, settings: SamplingSettings, system_prompt: str | None = None,

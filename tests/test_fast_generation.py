@@ -135,7 +135,8 @@ def test_the_path_each_request_takes(model, monkeypatch):
 
     assert blocker(model) is None
     assert "model type 'gpt2'" in blocker(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)))
-    assert "AdaptiveTemperature" in blocker(model, [AdaptiveTemperature(None, 0.1)])
+    assert blocker(model, [AdaptiveTemperature(None, 0.1)]) is None  # HAPO has a fast equivalent
+    assert "logits processor" in blocker(model, [lambda input_ids, scores: scores])  # APO's kind has none
     model.generation_config.repetition_penalty = 1.1
     try:
         assert "repetition_penalty" in blocker(model)
@@ -226,6 +227,27 @@ def test_online_run_on_the_fast_path_logs_the_sampler_gap(rl_recipe, tmp_path, m
     assert len(train) == 2 and all(r["generation/logp_gap"] < 1e-4 for r in train)
 
 
+def test_hapo_run_with_adaptive_temperature_on_the_fast_path(rl_recipe, tmp_path, monkeypatch, capsys):
+    """HAPO with its adaptive temperature, fast path forced on CPU: step 2 samples at the temperatures step 1's
+    entropies set (a factor other than 1 is logged), and pi_old, scored at each token's recorded temperature,
+    matches the sampler."""
+    import json
+
+    from conftest import align
+
+    monkeypatch.setenv("ALIGN_FAST_GENERATION", "1")
+    monkeypatch.chdir(tmp_path)
+    path = rl_recipe(loss="hapo", passes=2, temperature=0.7,
+                     hapo={"adaptive_temperature": True, "token_level_advantage": True})
+    code, _, err = align(monkeypatch, capsys, "train", str(path), "--set", "output.save_final_model=false",
+                         "--set", "evaluation.task=null")
+    assert code == 0, err
+    train = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["split"] == "train"]
+    assert len(train) == 2 and all(r["generation/logp_gap"] < 1e-4 for r in train)
+    assert "hapo/temperature_factor" not in train[0] and train[1]["hapo/temperature_factor"] != 1.0
+
+
 def _dynamo_graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -276,3 +298,82 @@ def test_compile_setting_from_the_environment(monkeypatch):
     for value, expected in (("0", "off"), ("1", "on"), ("auto", "auto"), ("", "auto")):
         monkeypatch.setenv("ALIGN_FAST_COMPILE", value)
         assert fast_generation.compile_mode() == expected
+
+
+def _hapo_reference(model, prompt, tokens, temperature, processor):
+    """Per completion token, (factor, untempered entropy, log-prob under softmax(z / (T * factor))) from one full
+    forward of prompt + completion through the `generate` path's own processor (`rl.temperature`)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1: len(prompt) - 1 + len(tokens)]
+    scores = processor(None, logits.float())  # each completion position as one row of a decoding step
+    factors, entropies = processor.take_records()  # [positions, 1]
+    logps = torch.log_softmax(scores / temperature, dim=-1).gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+    return factors[:, 0], entropies[:, 0], logps
+
+
+def test_hapo_adaptive_temperature_on_the_fast_path_matches_the_processor(model):
+    """HAPO's temperature computed inside the decode step: each token's factor, untempered entropy and
+    log-prob under softmax(z / (T * factor)) equal what the `generate` path's processor computes on the same
+    prefix; with no statistics yet the factor is exactly 1."""
+    from align_cli.losses.hapo import EntropyStats
+
+    from align_cli.rl.temperature import AdaptiveTemperature
+
+    stats = EntropyStats(quantile=0.5, scale=0.7, positive_max=1.3, negative_min=-2.0)
+    temperature, tau = 0.9, 0.4
+    for statistics in (None, stats):
+        processor = AdaptiveTemperature(statistics, tau)
+        sampling = Sampling(temperature, 1.0, seed=4, adaptive=processor.fast_sampling())
+        out = fast_generate(model, PROMPTS, 3, 10, sampling, {5}, max_slots=5)
+        for index, tokens in enumerate(out.tokens):
+            prompt = PROMPTS[index // 3]
+            factors, entropies, logps = _hapo_reference(model, prompt, tokens, temperature,
+                                                        AdaptiveTemperature(statistics, tau))
+            assert torch.allclose(torch.tensor(out.temperature_factors[index]), factors, atol=1e-5)
+            assert torch.allclose(torch.tensor(out.entropies[index]), entropies, atol=1e-4)
+            assert torch.allclose(torch.tensor(out.tempered_logps[index]), logps, atol=1e-4)
+        if statistics is None:
+            assert all(f == 1.0 for row in out.temperature_factors for f in row)
+        else:
+            assert any(abs(f - 1.0) > 1e-3 for row in out.temperature_factors for f in row)
+
+
+def test_hapo_rollouts_take_the_fast_path_with_their_records(tiny_model_dir, tokenizer):
+    from align_cli.losses.hapo import EntropyStats
+
+    from align_cli.rl.rollout import generate_rollouts, score
+    from align_cli.rl.temperature import AdaptiveTemperature
+
+    policy = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + 2?"}]} for a in range(2)]
+    processor = AdaptiveTemperature(EntropyStats(0.5, 0.7, 1.3, -2.0), tau=0.3)
+    rollouts = generate_rollouts(policy, tokenizer, rows, 3, max_new_tokens=8, temperature=0.8, top_p=1.0, seed=1,
+                                 batch_size=2, logits_processor=processor, fast=True)
+    assert rollouts.sampler_logps is not None  # the fast path ran
+    assert [len(t) for t in rollouts.temperatures] == [len(c) for c in rollouts.completion_ids]
+    assert [len(e) for e in rollouts.sampling_entropies] == [len(c) for c in rollouts.completion_ids]
+    assert processor.positions == sum(len(c) for c in rollouts.completion_ids)
+    # the trainer scores each token at the temperature it was drawn at, and gets the sampler's log-prob back
+    trainer, _ = score(policy, rollouts, tokenizer.pad_token_id, fused=False, with_entropy=False, temperature=0.8)
+    for row, values in enumerate(rollouts.sampler_logps):
+        assert torch.allclose(torch.tensor(values), trainer[row, : len(values)], atol=1e-4)
+
+
+def test_compiled_hapo_step_matches_eager_and_new_statistics_reuse_it(model):
+    """HAPO's temperature inside the compiled step: the eager step's tokens and factors, and a later step's new
+    statistics (the RL loop's next step) run the same compiled graph: they are a tensor, not constants."""
+    from align_cli.losses.hapo import EntropyStats
+
+    from align_cli.fast_generation import AdaptiveSampling
+
+    compiled = fast_generation.Compile(backend="aot_eager")
+    first = Sampling(1.0, 1.0, seed=2, adaptive=AdaptiveSampling(0.5, "paper", EntropyStats(0.4, 0.8, 1.5, -1.5)))
+    eager = fast_generate(model, PROMPTS, 3, 12, first, {5}, max_slots=5, compile_step=False)
+    out = fast_generate(model, PROMPTS, 3, 12, first, {5}, max_slots=5, compile_step=compiled)
+    assert "compile_error" not in out.stats and out.tokens == eager.tokens
+    assert max(abs(a - b) for x, y in zip(out.temperature_factors, eager.temperature_factors)
+               for a, b in zip(x, y)) < 1e-5
+    graphs = _dynamo_graphs()
+    second = Sampling(1.0, 1.0, seed=2, adaptive=AdaptiveSampling(0.5, "paper", EntropyStats(0.1, 1.2, 0.9, -2.5)))
+    again = fast_generate(model, PROMPTS, 3, 12, second, {5}, max_slots=5, compile_step=compiled)
+    assert _dynamo_graphs() == graphs and again.temperature_factors != out.temperature_factors

@@ -83,15 +83,14 @@ def generate_rollouts(model, tokenizer, rows: list[dict], num_generations: int, 
                       temperature: float, top_p: float, seed: int, batch_size: int,
                       system_prompt: str | None = None, logits_processor=None, fast: bool | None = None) -> Rollouts:
     """`num_generations` sampled completions for each row's `prompt` (chat template applied to messages), through
-    the one decode loop (`generation.decode`: the fast path by default on CUDA; transformers `generate` in batches
-    of `batch_size` prompts otherwise, and always with a `logits_processor`, whose records, HAPO's adaptive
-    temperature, are per `generate` row)."""
+    the one decode loop (`generation.decode`: the fast path by default on CUDA, transformers `generate` in batches
+    of `batch_size` prompts otherwise). A `logits_processor` is HAPO's adaptive temperature: its per-token factors
+    and untempered entropies come back as `temperatures` and `sampling_entropies`, from either path."""
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 num_samples=num_generations, seed=seed, batch_size=batch_size)
     texts = render_prompts(tokenizer, [row["prompt"] for row in rows], system_prompt)
-    processor_for = (lambda _encoded, _n: logits_processor) if logits_processor is not None else None
-    decoded = decode(model, tokenizer, texts, settings, stop_token_ids(model, tokenizer), processor_for=processor_for,
-                     fast=fast)
+    decoded = decode(model, tokenizer, texts, settings, stop_token_ids(model, tokenizer),
+                     logits_processor=logits_processor, fast=fast)
     records = decoded.records
     return Rollouts(
         [ids for ids in decoded.prompt_ids for _ in range(num_generations)], decoded.completion_ids,

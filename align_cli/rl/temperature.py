@@ -8,7 +8,9 @@ hotter where the policy is uncertain, cooler where it is sure. On the first step
 statistics: the processor runs with `stats=None`, leaves the logits as they are (factor 1) and only records.
 
 It records, per generated row and decoding step, the factor it applied and the untempered entropy
-(`take_records`, read by `generate_rollouts` after each `generate` call). The rollouts then carry each
+(`take_records`, read by `generation.decode` after each `generate` call). On the fast path (CUDA by default) the
+same rule runs inside the compiled decode step instead (`fast_sampling`, `fast_generation.AdaptiveSampling`),
+which records the same two numbers per completion token. The rollouts then carry each
 token's sampling temperature, so that pi_old, pi_theta and the reference score each token under the
 temperature it was actually drawn at, and the untempered entropies, whose statistics normalise the next
 step's sampling (the same quantity this processor measures).
@@ -41,6 +43,17 @@ class AdaptiveTemperature(LogitsProcessor):
         self._factors.append(factor.float().cpu())
         self._entropies.append(entropy.float().cpu())
         return scores / factor[:, None].to(scores.dtype)
+
+    def fast_sampling(self):
+        """The same rule for the fast path (`fast_generation.AdaptiveSampling`), computed inside its decode step."""
+        from ..fast_generation import AdaptiveSampling
+
+        return AdaptiveSampling(self.tau, self.sign, self.stats)
+
+    def count_factors(self, factors: list[list[float]]) -> None:
+        """Count the fast path's recorded factors (one list per completion) into `mean_factor`."""
+        self.factor_sum += sum(sum(row) for row in factors)
+        self.positions += sum(len(row) for row in factors)
 
     def take_records(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`(factors, untempered entropies)`, each `[rows, steps]`, of the decoding steps since the last call
