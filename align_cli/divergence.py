@@ -67,11 +67,14 @@ def parameters_finite(accelerator, parameters: list[torch.Tensor]) -> bool:
 
 @dataclass
 class DivergenceGuard:
-    """The three divergence checks of one run. `parameters`: the trainable ones (frozen ones cannot change)."""
+    """The three divergence checks of one run. `model`: its trainable parameters are checked (frozen ones cannot
+    change), read at each check: FSDP2 swaps a module's parameters between sharded DTensors and unsharded tensors,
+    and a unit left unsharded by a no-grad forward (reshard_after_forward=False: the embedding and head group)
+    would leave freed tensors in a list taken then."""
 
     accelerator: object
     run_dir: Path
-    parameters: list
+    model: torch.nn.Module
 
     def last_finite_checkpoint(self) -> str:
         """The newest complete checkpoint: finite, since each one passed `check_parameters` before its save."""
@@ -105,7 +108,8 @@ class DivergenceGuard:
 
     def check_parameters(self, step: int) -> None:
         """Before every checkpoint: a checkpoint never holds non-finite weights."""
-        if not parameters_finite(self.accelerator, self.parameters):
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not parameters_finite(self.accelerator, trainable):
             raise self.diverged(step, "a trainable parameter became non-finite (NaN or inf)")
 
 

@@ -151,7 +151,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
     state = resumed_state(accelerator, run.run_dir, resume, {"step": 0, "micro_batch": 0, "tokens": 0, "seconds": 0.0})
     before = measured_before(run, lambda: _measure(run, model, objective, reference), "data")
 
-    guard = DivergenceGuard(accelerator, run.run_dir, [p for p in model.parameters() if p.requires_grad])
+    guard = DivergenceGuard(accelerator, run.run_dir, model)
     monitor = CollapseMonitor(**state.get("collapse", {}))  # resumed with the checkpoint
     log = MetricsLog(run.run_dir, recipe.logging.tensorboard, accelerator.is_main_process)
     stop = StopFlag()

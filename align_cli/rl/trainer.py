@@ -282,7 +282,7 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
                           {"step": 0, "prompts_seen": 0, "tokens": 0, "seconds": 0.0, "entropy_stats": None})
     before = measured_before(run, lambda: _measure(run, model), "prompts")
 
-    guard = DivergenceGuard(accelerator, run.run_dir, [p for p in model.parameters() if p.requires_grad])
+    guard = DivergenceGuard(accelerator, run.run_dir, model)
     monitor = CollapseMonitor(**state.get("collapse", {}))  # resumed with the checkpoint
     log = MetricsLog(run.run_dir, recipe.logging.tensorboard, accelerator.is_main_process)
     stop = StopFlag()
