@@ -433,8 +433,10 @@ class TrainingConfig(Section):
         None, ge=16, description="With packing: fill each micro-batch with whole examples up to this many packed "
                                  "tokens instead of `batch_size` examples (the order stays a pure function of the "
                                  "step, so resume is exact). The loss is the mean over each micro-batch's examples.")
-    compile: bool = Field(False, description="torch.compile each decoder layer (one graph shared by all layers); the "
-                                             "first steps pay the compilation.")
+    compile: Literal["auto", True, False] = Field(
+        "auto", description="torch.compile each decoder layer (one graph shared by all layers; the first steps pay "
+                            "the compilation, cached across runs). auto: on CUDA, not under DeepSpeed (off on CPU); "
+                            "a layer that fails to compile runs eagerly, with a warning (align_cli/compilation.py).")
 
 
 class LoraConfig(Section):

@@ -13,11 +13,12 @@ from typing import Callable
 import torch
 
 from .checkpoint import remove_tree
+from .compilation import compile_decision, compile_layers
 from .config import DataSource, ModelConfig, Recipe, TrainingConfig
 from .data.packing import check_packing_settings, packing_enabled
 from .data.preference import TokenisationSettings, normalise_rows, tokenise_preferences
 from .data.sources import load_source
-from .distributed import merge_lora_state_dict, shards_parameters
+from .distributed import engine_name, merge_lora_state_dict, shards_parameters
 from .errors import UserError
 from .models import apply_lora, freeze, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_location, unwrap
 from .run_dir import begin_writing, resolve_run_dir
@@ -39,6 +40,19 @@ class RunInputs:
     reference_location: str
     dtype: torch.dtype
     task_rows: list[dict]
+    # `training.compile`: whether the layers were compiled and why (compilation.compile_decision), and the
+    # CompiledLayers of the policy (and live reference) when they were.
+    compilation: dict | None = None
+
+    def compile_report(self) -> dict | None:
+        """summary.json's `compile`: enabled, why, backend, and the error a fallback to eager came from."""
+        if self.compilation is None:
+            return None
+        report = {"enabled": self.compilation["enabled"], "why": self.compilation["why"]}
+        for name in ("policy", "reference"):
+            if self.compilation.get(name) is not None:
+                report[name] = self.compilation[name].report()
+        return report
 
     def save_final_model(self, model) -> Path:
         """The trained model as a plain Hugging Face directory (LoRA merged on request), written atomically."""
@@ -156,17 +170,18 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
         policy = apply_lora(policy, recipe.peft)
         if reference_name is None:
             reference_model, context = policy, unwrap(policy).disable_adapter
-    if recipe.training.compile:
-        compile_layers(policy)
+    compiled, why = compile_decision(recipe.training.compile, device_type=accelerator.device.type,
+                                     engine=engine_name(accelerator))
+    compilation = {"enabled": compiled, "why": why, "policy": compile_layers(policy) if compiled else None}
     if reference_model is None and needs_reference:
         reference_model = freeze(load_causal_lm(reference_name or recipe.model.name, model_config, dtype))
-        if recipe.training.compile and not recipe.reference.precompute:
-            compile_layers(reference_model)
+        if compiled and not recipe.reference.precompute:  # a precomputed reference runs once: not worth it
+            compilation["reference"] = compile_layers(reference_model)
         if not shards_parameters(accelerator):  # else sharded after the policy (distributed.prepare_reference)
             reference_model.to(accelerator.device)
     run = RunInputs(recipe, run_dir, accelerator, tokenizer, settings, train_data, eval_data, report, policy,
                     reference_model, context, resolve_model_location(reference_name or recipe.model.name), dtype,
-                    load_task_rows(recipe))
+                    load_task_rows(recipe), compilation)
     begin_writing(run_dir)  # everything loaded: an --overwrite's old run moves aside only now
     return run
 
@@ -184,11 +199,3 @@ def model_config_for(model: ModelConfig, training: TrainingConfig) -> ModelConfi
         register_backend()
     return model
 
-
-def compile_layers(model) -> None:
-    """torch.compile each decoder layer in place (regional compilation): the layers share one graph, so
-    compiling costs one layer's time, and activation checkpointing still wraps each layer."""
-    from .models import decoder
-
-    for layer in decoder(model).layers:
-        layer.compile()

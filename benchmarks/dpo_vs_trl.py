@@ -18,7 +18,8 @@ same batches in the same order (TRL's sampler made sequential), same initial wei
   ours cached   the same with reference log-probs precomputed to the disk cache (reference model freed)
   trl cached    DPOTrainer with precompute_ref_log_probs (no reference model kept)
   ours compile  ours with training.compile (torch.compile of each decoder layer); also cached, and
-                without activation checkpointing
+                without activation checkpointing. Since `training.compile: auto` (issue 18), "ours compile" is
+                what `align train` runs on CUDA by default; "ours" is `training.compile: false`
 
 Tokens/s counts the tokens of the chosen and rejected sequences as TRL runs them (prompt + completion
 of each, no padding): the same number for every trainer on the same batches. MFU = F x tokens/s /
@@ -289,13 +290,13 @@ def run_ours(
 ) -> dict:
     from accelerate import Accelerator
 
+    from align_cli.compilation import compile_layers
     from align_cli.config import LossTerm, TrainingConfig
     from align_cli.models import freeze
     from align_cli.packed_attention import register_backend
     from align_cli.pairwise.objective import Objective, objective_forward
     from align_cli.pairwise.reference import LiveReference, cached_or_computed
     from align_cli.pairwise.throughput import collate_for
-    from align_cli.run_setup import compile_layers
 
     training = TrainingConfig(
         packing=True,

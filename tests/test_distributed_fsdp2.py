@@ -103,3 +103,33 @@ def test_fsdp2_lora_bf16_trains_like_one_process(tiny_recipe, tiny_model_dir, tm
         else:
             starting_magnitude = float(tensor.abs().max()) + 2 * LEARNING_RATE
             torch.testing.assert_close(adapters[name], tensor, rtol=0, atol=2 ** -8 * starting_magnitude, msg=name)
+
+
+def test_fsdp2_compiled_layers_compile_or_fall_back(tiny_recipe, tmp_path):
+    """`training.compile: true` under FSDP2 (one gloo process, as above): the compiled layers either train or
+    fall back to eager with the reason in summary.json; either way the run completes with finite losses equal
+    to the uncompiled FSDP2 run's."""
+    recipe = tiny_recipe(training__max_steps=2, training__batch_size=4, evaluation__task=None,
+                         logging__tensorboard=False, checkpointing__every=None, output__save_final_model=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "ALIGN_COMPILE_BACKEND": "aot_eager"}
+    runs = {name: subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(FSDP2_CONFIG),
+         "--num_processes", "1", "--main_process_port", str(free_port()), str(WORKER), str(recipe),
+         str(tmp_path / name), f"training.compile={'true' if name == 'compiled' else 'false'}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for name in ("compiled", "eager")}
+    try:
+        for run in runs.values():
+            output, _ = run.communicate(timeout=240)
+            assert run.returncode == 0, output[-4000:]
+    finally:
+        for run in runs.values():
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+    summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
+    assert summary["compile"]["enabled"] and summary["compile"]["policy"]["backend"] == "aot_eager"
+    compiled, eager = ([r["loss"] for r in train_records(tmp_path / name)] for name in ("compiled", "eager"))
+    assert len(compiled) == 2 and torch.isfinite(torch.tensor(compiled)).all()
+    assert compiled == pytest.approx(eager, abs=1e-5)

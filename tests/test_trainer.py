@@ -127,3 +127,50 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_recipe, tmp_path, monke
     big, accumulated = final_weights(tmp_path / "big"), final_weights(tmp_path / "accumulated")
     for name in big:
         torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_decision():
+    from align_cli.compilation import compile_decision
+
+    assert compile_decision("auto", device_type="cuda", engine="single")[0]
+    assert compile_decision("auto", device_type="cuda", engine="fsdp2")[0]
+    assert not compile_decision("auto", device_type="cpu", engine="single")[0]
+    assert not compile_decision("auto", device_type="cuda", engine="zero3")[0]
+    assert compile_decision(True, device_type="cpu", engine="zero2") == (True, "training.compile: true")
+    assert not compile_decision(False, device_type="cuda", engine="single")[0]
+
+
+def _train_losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["split"] == "train"]
+
+
+def test_compiled_lora_run_matches_eager_and_a_failing_compiler_falls_back(tiny_recipe, tmp_path, monkeypatch):
+    """`training.compile: true` with LoRA: the layers compile (aot_eager here: dynamo's trace and AOTAutograd,
+    without inductor's C++ build on a CPU) and train as the eager run does; a backend that fails makes every
+    layer fall back to eager, with a warning and summary.json saying so, and the run still matches."""
+    import torch._dynamo
+    from torch._dynamo.backends.registry import register_backend
+
+    @register_backend(name="align_test_failing")
+    def failing(graph_module, example_inputs):
+        raise RuntimeError("no compiler on this machine")
+
+    common = dict(peft__enabled=True, peft__r=4, evaluation__task=None, output__save_final_model=False,
+                  training__max_steps=2, checkpointing__every=None)
+    eager = run(tiny_recipe(output__dir=str(tmp_path / "eager"), **common))
+    assert eager["compile"] == {"enabled": False, "why": "auto: compiled on CUDA only (on CPU inductor's build costs "
+                                                         "more than it saves)"}
+    monkeypatch.setenv("ALIGN_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    compiled = run(tiny_recipe(output__dir=str(tmp_path / "compiled"), training__compile=True, **common))
+    assert compiled["compile"]["enabled"] and compiled["compile"]["policy"] == {"backend": "aot_eager",
+                                                                                "fell_back": None}
+    assert _train_losses(tmp_path / "compiled") == pytest.approx(_train_losses(tmp_path / "eager"), abs=1e-5)
+    monkeypatch.setenv("ALIGN_COMPILE_BACKEND", "align_test_failing")
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="torch.compile of the decoder layers failed"):
+        fallen = run(tiny_recipe(output__dir=str(tmp_path / "fallen"), training__compile=True, **common))
+    assert "no compiler on this machine" in fallen["compile"]["policy"]["fell_back"]
+    assert _train_losses(tmp_path / "fallen") == pytest.approx(_train_losses(tmp_path / "eager"), abs=1e-6)
+    torch._dynamo.reset()

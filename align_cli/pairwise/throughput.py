@@ -2,7 +2,7 @@
 
 The trainer asks this module two things: how to collate a micro-batch (`collate_for`) and which rows form
 micro-batch k (`data_order`); whether packing is on is `data.packing.packing_enabled`, and how the models are
-set up for it (attention backend, compilation) is `run_setup.model_config_for` / `compile_layers`. Every
+set up for it (attention backend; compilation) is `run_setup.model_config_for` / `compilation`. Every
 choice keeps the log-probs of the padded default (tests/test_packing.py).
 """
 

@@ -226,6 +226,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
         **timing(state, started),
         **reference_info,
         "final_train_metrics": last_metrics,
+        "compile": run.compile_report(),
         "before": before,
         "after": after,
         "final_model_dir": final_dir,
