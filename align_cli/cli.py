@@ -37,7 +37,7 @@ def train(
     allow_recipe_change: bool = typer.Option(
         False, "--allow-recipe-change", help="With --resume: accept a recipe that differs from the run's recipe.yaml in "
                                              "keys that change the training (refused otherwise; logging.*, output.*, "
-                                             "checkpointing.every/keep_last, evaluation.batch_size, data.num_proc and, "
+                                             "checkpointing.every/keep_last, evaluation.batch_size, data.num_proc, training.compile and, "
                                              "with a constant schedule, training.max_steps may always change)."),
     accelerate_config: Optional[str] = typer.Option(
         None, "--accelerate-config", help="Relaunch through `accelerate launch` with this config: a shipped one (ddp, fsdp2, "

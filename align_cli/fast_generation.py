@@ -29,9 +29,10 @@ What it does, and why:
 instead: an architecture outside `SUPPORTED_MODEL_TYPES`, sharded parameters (FSDP2 DTensors or DeepSpeed
 ZeRO-3, whose weights exist only gathered inside each module's forward, in lock-step across ranks), a
 generation config that adds processors this path does not run (repetition penalty and the like), or any
-caller's logits processor without a fast equivalent (APO's extrapolated logits run a second model with a KV
-cache laid out like `generate`'s batch): those callers keep `generate`. HAPO's adaptive temperature has one
-(`AdaptiveSampling`, computed inside the decode step, its factors and entropies recorded per token).
+caller's logits processor without a fast equivalent: those callers keep `generate`. Two have one: HAPO's
+adaptive temperature (`AdaptiveSampling`, computed inside the decode step, its factors and entropies recorded
+per token) and APO's extrapolated logits (`fast_generate(extrapolation=(previous, alpha))`: the previous model
+decoded in step, its keys and values in the same slots after the policy's layers; `partner_blocker`).
 `ALIGN_FAST_GENERATION` picks the default: `auto` (fast on CUDA when not blocked), `1` (also on CPU), `0` (never).
 """
 
@@ -51,6 +52,7 @@ from .models import decoder, output_head, unwrap
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 ATTENTION_NAME = "align_fast"
+LAYER_ATTRIBUTE = "_align_fast_layer"  # set on a partner's attention modules: its layers' slot-cache index
 CHECK_EVERY = 8            # decode steps between looks at which sequences finished (one host sync each)
 PREFILL_TOKENS = 16384     # prompt tokens per prefill forward
 TOP_P_CANDIDATES = 1024    # top-p looks at the top-k first; the full sort runs only when they hold < top_p
@@ -102,9 +104,31 @@ def blocker(model, processors=()) -> str | None:
     for processor in processors:
         if callable(getattr(processor, "fast_sampling", None)):
             continue  # HAPO's adaptive temperature: `Sampling.adaptive` does the same inside the decode step
+        if callable(getattr(processor, "fast_partner", None)):  # APO's extrapolation: a partner model in step
+            reason = partner_blocker(inner, processor.fast_partner()[0])
+            if reason is not None:
+                return reason
+            continue
         return (f"logits processor {type(processor).__name__}: processors see `generate`'s batch rows (APO's "
                 f"extrapolation holds a second model's cache laid out like them), which continuous batching does "
                 f"not keep")
+    return None
+
+
+def partner_blocker(model, partner) -> str | None:
+    """Why `partner` cannot be decoded in step with `model` (`fast_generate(extrapolation=...)`), or None: it must
+    take the fast path itself and lay its keys and values out as the policy's do (same heads, head size)."""
+    inner = unwrap(partner)
+    reason = blocker(inner)
+    if reason is not None:
+        return f"the extrapolation's previous model: {reason}"
+
+    def layout(config):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim
+
+    if layout(inner.config) != layout(unwrap(model).config):
+        return "the extrapolation's previous model has another key/value layout (heads, head size)"
     return None
 
 
@@ -282,7 +306,7 @@ _ACTIVE: _SlotCache | None = None
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The `align_fast` attention implementation: store this forward's keys and values in the slot cache,
     attend over what the slots hold. Returns `[B, q, heads, head_dim]` like transformers' implementations."""
-    cache, layer = _ACTIVE, module.layer_idx
+    cache, layer = _ACTIVE, getattr(module, LAYER_ATTRIBUTE, module.layer_idx)
     batch, heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
     if q_len > 1:  # prefill: right-padded prompts, positions 0..q_len-1, causal inside the chunk
@@ -313,19 +337,35 @@ def _register_attention() -> None:
 
 
 @contextlib.contextmanager
-def _fast_attention(model):
-    """The model's attention implementation switched to `align_fast` for the call, restored after."""
+def _fast_attention(model, partner=None):
+    """The model's attention implementation switched to `align_fast` for the call, restored after; and the
+    trainer's regionally compiled layers (`training.compile`, align_cli/compilation.py) run their eager forward
+    meanwhile: this path compiles its own decode step, and a layer graph compiled for training shapes would only
+    recompile for one-token steps inside it."""
     _register_attention()
-    configs = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
+    modules = [*model.modules(), *(partner.modules() if partner is not None else ())]
+    configs = [m.config for m in modules if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
     configs = list({id(c): c for c in configs}.values())
     previous = [c._attn_implementation for c in configs]
+    compiled = [(m, m._compiled_call_impl) for m in modules if getattr(m, "_compiled_call_impl", None)]
+    # The partner (APO's previous model) keeps its keys and values in the same slots, in layers L.. of the cache.
+    offset = model.config.num_hidden_layers
+    partner_attention = [m for m in partner.modules() if hasattr(m, "layer_idx")] if partner is not None else []
     try:
         for c in configs:
             c._attn_implementation = ATTENTION_NAME
+        for module, _ in compiled:
+            module._compiled_call_impl = None
+        for module in partner_attention:
+            setattr(module, LAYER_ATTRIBUTE, offset + module.layer_idx)
         yield
     finally:
         for c, value in zip(configs, previous):
             c._attn_implementation = value
+        for module, call in compiled:
+            module._compiled_call_impl = call
+        for module in partner_attention:
+            delattr(module, LAYER_ATTRIBUTE)
 
 
 # ------------------------------------------------------------------------------------------------ engine
@@ -359,16 +399,40 @@ def default_kv_budget(config, dtype, device) -> int:
     return 1 << 16
 
 
-def _decode_forward(body, head, tokens: torch.Tensor, positions: torch.Tensor, masks: dict, after) -> torch.Tensor:
-    """One decode step: the model's forward for one token per slot, the LM head, then `after(logits)`. A
-    module-level function, so that every call of `fast_generate` (new slot tensors, new closures) reuses one
-    compiled graph: dynamo guards on the tensors' shapes and the closures' code, not on their identity."""
-    hidden = body(input_ids=tokens[:, None], position_ids=positions, attention_mask=masks,
-                  use_cache=False).last_hidden_state
-    logits = head(hidden[:, -1]).float()
+def _decode_forward(body, head, tokens: torch.Tensor, positions: torch.Tensor, masks: dict, after,
+                    partner=None) -> torch.Tensor:
+    """One decode step: the model's forward for one token per slot, the LM head (combined with the partner's,
+    `extrapolate`), then `after(logits)`. A module-level function, so that every call of `fast_generate` (new
+    slot tensors, new closures) reuses one compiled graph: dynamo guards on the tensors' shapes and the closures'
+    code, not on their identity."""
+    def logits_of(body, head):
+        hidden = body(input_ids=tokens[:, None], position_ids=positions, attention_mask=masks,
+                      use_cache=False).last_hidden_state
+        return head(hidden[:, -1]).float()
+
+    logits = logits_of(body, head)
+    if partner is not None:
+        logits = extrapolate(logits, logits_of(partner.body, partner.head), partner.alpha)
     if after is not None:
         after(logits)
     return logits
+
+
+def extrapolate(current: torch.Tensor, previous: torch.Tensor, alpha: float) -> torch.Tensor:
+    """APO's sampling logits `(1+alpha) z_current - alpha z_previous` over the vocabulary both heads share (the
+    rest of a padded head is kept), as `iterative.extrapolation.ExtrapolatedLogits` computes them in `generate`."""
+    vocabulary = min(current.shape[-1], previous.shape[-1])
+    shared = (1.0 + alpha) * current[:, :vocabulary] - alpha * previous[:, :vocabulary]
+    return torch.cat([shared, current[:, vocabulary:]], dim=-1) if vocabulary < current.shape[-1] else shared
+
+
+@dataclass(frozen=True)
+class Partner:
+    """A second model decoded in step with the policy (APO's previous checkpoint): its body and head, and alpha."""
+
+    body: torch.nn.Module
+    head: torch.nn.Module
+    alpha: float
 
 
 def compile_mode() -> str:
@@ -405,8 +469,9 @@ class _DecodeStep:
     before read). A step whose compilation fails runs uncompiled (`compile_error` says why)."""
 
     def __init__(self, body, head, cache: _SlotCache, tokens: torch.Tensor, batch: int, layer_types, graph: bool,
-                 after=None, state=(), pool=None, compile: Compile | None = None):
+                 after=None, state=(), pool=None, compile: Compile | None = None, partner: Partner | None = None):
         self.body, self.head, self.cache, self.batch, self.after = body, head, cache, batch, after
+        self.partner = partner
         self.tokens = tokens[:batch]
         self.masks = {name: None for name in layer_types}
         self.graph, self.error = None, None
@@ -447,7 +512,7 @@ class _DecodeStep:
 
     def _run(self) -> torch.Tensor:
         return self.forward(self.body, self.head, self.tokens, self.cache.positions[: self.batch, None], self.masks,
-                            self.after)
+                            self.after, self.partner)
 
     def __call__(self) -> torch.Tensor:
         if self.graph is None:
@@ -468,9 +533,11 @@ def _graph_sizes(slots: int) -> list[int]:
 def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tokens: int, sampling: Sampling,
                   stop_ids, *, kv_token_budget: int | None = None, cuda_graph: bool | None = None,
                   max_slots: int | None = None, lengths: list[int] | None = None,
-                  compile_step: bool | Compile | None = None) -> FastOutput:
+                  compile_step: bool | Compile | None = None, extrapolation: tuple | None = None) -> FastOutput:
     """`num_samples` completions of each prompt (token ids) under `sampling`. `lengths` (benchmarks):
     per sequence, a number of new tokens after which it ends as if it had sampled a stop token.
+    `extrapolation` = (previous model, alpha): APO's sampler, logits `(1+alpha) z - alpha z_previous` at every
+    step (`extrapolate`), the previous model decoded in step with its keys and values in the same slots.
     `compile_step`: compile the decode step before capture (None: `ALIGN_FAST_COMPILE`, by default on CUDA;
     a `Compile` picks backend and mode). Steps that need a host decision (top-p < 1 when sampling) stay
     eager and uncompiled."""
@@ -486,6 +553,11 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
     max_prompt = max(len(p) for p in prompts)
     max_len = -(-(max_prompt + max_new_tokens) // 16) * 16  # mask rows aligned for the fused attention kernels
     budget = kv_token_budget if kv_token_budget is not None else default_kv_budget(config, dtype, device)
+    partner_model = unwrap(extrapolation[0]) if extrapolation is not None else None
+    partner = None
+    if partner_model is not None:
+        partner = Partner(decoder(partner_model), output_head(partner_model), float(extrapolation[1]))
+        budget //= 2  # each token's keys and values twice: the policy's and the partner's
     slots = max(1, min(total, budget // max_len, max_slots or total))
     if cuda_graph is None:
         cuda_graph = device.type == "cuda"
@@ -495,7 +567,8 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
     compile_options = Compile() if compile_step is True else (compile_step or None)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    cache = _SlotCache(config.num_hidden_layers, slots, kv_heads, max_len, head_dim, dtype, device)
+    layers = config.num_hidden_layers + (partner_model.config.num_hidden_layers if partner_model is not None else 0)
+    cache = _SlotCache(layers, slots, kv_heads, max_len, head_dim, dtype, device)
     layer_types = sorted(set(getattr(config, "layer_types", None) or ["full_attention"]))
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     caps = torch.full((total,), max_new_tokens, dtype=torch.long)
@@ -606,11 +679,18 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
         ids = ids.to(device)
         cache.prefill_slots = torch.tensor(target_slots, dtype=torch.long, device=device)
         positions = torch.arange(width, device=device)[None, :].expand(len(chunk), -1)
-        hidden = body(input_ids=ids, position_ids=positions, attention_mask={name: None for name in layer_types},
-                      use_cache=False).last_hidden_state
         last = torch.tensor([len(prompts[p]) - 1 for p in chunk], device=device)
         stats["prefill_forwards"] += 1
-        return head(hidden[torch.arange(len(chunk), device=device), last]).float()
+
+        def logits_of(body, head):
+            hidden = body(input_ids=ids, position_ids=positions, attention_mask={name: None for name in layer_types},
+                          use_cache=False).last_hidden_state
+            return head(hidden[torch.arange(len(chunk), device=device), last]).float()
+
+        logits = logits_of(body, head)
+        if partner is not None:
+            logits = extrapolate(logits, logits_of(partner.body, partner.head), partner.alpha)
+        return logits
 
     def harvest() -> None:
         """Copy finished slots' outputs to the host and free the slots."""
@@ -674,8 +754,11 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
     previous, _ACTIVE = _ACTIVE, cache
     was_training = inner.training
     inner.eval()
+    partner_was_training = partner_model.training if partner_model is not None else False
+    if partner_model is not None:
+        partner_model.eval()
     try:
-        with _fast_attention(inner):
+        with _fast_attention(inner, partner_model):
             admit()
             batch = slots
             while True:
@@ -690,7 +773,7 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
                     static = sampling.temperature <= 0 or sampling.top_p >= 1
                     steps[batch] = _DecodeStep(body, head, cache, last_tokens, batch, layer_types,
                                                cuda_graph and static, _sample_and_store(batch), state, pool,
-                                               compile_options if static else None)
+                                               compile_options if static else None, partner)
                     stats["graphs"] += int(steps[batch].graph is not None)
                     if steps[batch].error:
                         stats["graph_error"] = steps[batch].error
@@ -708,6 +791,8 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
     finally:
         _ACTIVE = previous
         inner.train(was_training)
+        if partner_model is not None:
+            partner_model.train(partner_was_training)
     stats["graph_batches"] = sorted(steps)
     recorded = sampling.adaptive is not None
     return FastOutput(results_tokens, results_stopped, results_sampling, results_tempered, stats,

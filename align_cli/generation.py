@@ -70,8 +70,8 @@ def decode(model, tokenizer, texts: list[str], settings: SamplingSettings, stops
     Otherwise, and always with a `processor_for`, transformers `generate` in batches of `batch_size` prompts,
     seeded per batch. `processor_for(encoded_batch, num_samples)`, called once per batch, gives that batch's logits
     processor (APO's extrapolated logits hold a second model's KV cache). `logits_processor`: one processor for
-    every batch (HAPO's adaptive temperature, which records per row and has a fast-path equivalent,
-    `fast_sampling()`, so it does not hold the call on the slow path)."""
+    every batch (HAPO's adaptive temperature, which records per row). Both have fast-path equivalents
+    (`fast_partner()`, `fast_sampling()`), so neither holds the call on the slow path."""
     from transformers import LogitsProcessorList
 
     from . import fast_generation
@@ -84,7 +84,7 @@ def decode(model, tokenizer, texts: list[str], settings: SamplingSettings, stops
     if fast is None:
         fast = fast_generation.wanted(model, processors)
     if fast and fast_generation.blocker(model, processors) is None:
-        return _decode_fast(model, tokenizer, texts, settings, stops, logits_processor)
+        return _decode_fast(model, tokenizer, texts, settings, stops, processors[0] if processors else None)
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -128,10 +128,12 @@ def _decode_fast(model, tokenizer, texts: list[str], settings: SamplingSettings,
     from .fast_generation import Sampling, fast_generate
 
     prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    adaptive = processor.fast_sampling() if processor is not None else None
+    adaptive = processor.fast_sampling() if callable(getattr(processor, "fast_sampling", None)) else None
+    extrapolation = processor.fast_partner() if callable(getattr(processor, "fast_partner", None)) else None
     sampling = Sampling(settings.temperature, settings.top_p if settings.temperature > 0 else 1.0, settings.seed,
                         adaptive)
-    out = fast_generate(model, prompt_ids, settings.num_samples, settings.max_new_tokens, sampling, stops)
+    out = fast_generate(model, prompt_ids, settings.num_samples, settings.max_new_tokens, sampling, stops,
+                        extrapolation=extrapolation)
     records = None
     if out.temperature_factors is not None:
         processor.count_factors(out.temperature_factors)

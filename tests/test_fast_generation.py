@@ -377,3 +377,77 @@ def test_compiled_hapo_step_matches_eager_and_new_statistics_reuse_it(model):
     second = Sampling(1.0, 1.0, seed=2, adaptive=AdaptiveSampling(0.5, "paper", EntropyStats(0.1, 1.2, 0.9, -2.5)))
     again = fast_generate(model, PROMPTS, 3, 12, second, {5}, max_slots=5, compile_step=compiled)
     assert _dynamo_graphs() == graphs and again.temperature_factors != out.temperature_factors
+
+
+def test_regionally_compiled_layers_run_eagerly_inside_the_fast_path(model):
+    """A policy whose layers the trainer compiled (`training.compile`): the fast path decodes with their eager
+    forward (it compiles its own step) and leaves their compiled forward in place for training."""
+    from align_cli.compilation import compile_layers
+
+    expected = fast_generate(model, PROMPTS, 2, 8, Sampling(0.0), {5})
+    policy = LlamaForCausalLM(model.config).eval()
+    policy.load_state_dict(model.state_dict())
+    compiled = compile_layers(policy, backend="aot_eager")
+    calls = [layer._compiled_call_impl for layer in compiled.layers]
+    assert all(calls)
+    assert fast_generate(policy, PROMPTS, 2, 8, Sampling(0.0), {5}).tokens == expected.tokens
+    assert [layer._compiled_call_impl for layer in compiled.layers] == calls
+
+
+def _partner(model, seed: int = 9):
+    torch.manual_seed(seed)
+    previous = LlamaForCausalLM(model.config).eval()
+    with torch.no_grad():
+        previous.lm_head.weight.mul_(8.0)
+    return previous
+
+
+def test_apo_extrapolation_greedy_matches_generate_with_its_processor(model):
+    """APO's sampler on the fast path (the previous model decoded in step, its keys and values in the same
+    slots): greedy tokens equal `generate` with `ExtrapolatedLogits`, with refills (3 slots for 8 sequences)."""
+    from transformers import LogitsProcessorList
+
+    from align_cli.iterative.extrapolation import ExtrapolatedLogits, extrapolated_logits_factory
+
+    previous = _partner(model)
+    out = fast_generate(model, PROMPTS, 2, 12, Sampling(0.0), {5}, max_slots=3, extrapolation=(previous, 0.5))
+    plain = fast_generate(model, PROMPTS, 2, 12, Sampling(0.0), {5}, max_slots=3)
+    for index, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([prompt])
+        processor = ExtrapolatedLogits(previous, 0.5, torch.ones_like(ids))
+        reference = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=5, pad_token_id=0,
+                                   logits_processor=LogitsProcessorList([processor]))[0, len(prompt):].tolist()
+        expected = reference[: reference.index(5) + 1] if 5 in reference else reference
+        assert out.tokens[2 * index] == expected and out.tokens[2 * index + 1] == expected
+    assert out.tokens != plain.tokens  # the extrapolation changes what is sampled
+    assert blocker(model, [extrapolated_logits_factory(previous, 0.5)]) is None
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    assert "key/value layout" in blocker(model, [extrapolated_logits_factory(other, 0.5)])
+
+
+def test_apo_extrapolation_samples_follow_the_extrapolated_softmax(model):
+    from align_cli.fast_generation import extrapolate
+
+    previous, prompt, temperature, n = _partner(model), PROMPTS[1], 0.7, 6000
+    out = fast_generate(model, [prompt], n, 1, Sampling(temperature, 1.0, seed=5), set(),
+                        extrapolation=(previous, 1.0))
+    with torch.no_grad():
+        current = model(torch.tensor([prompt])).logits[:, -1].float()
+        before = previous(torch.tensor([prompt])).logits[:, -1].float()
+    exact = (extrapolate(current, before, 1.0)[0] / temperature).softmax(-1).double()
+    counts = torch.bincount(torch.tensor([t[0] for t in out.tokens]), minlength=VOCAB).double()
+    # sampling noise: E[TV] <= 0.5 * sqrt(support / n) ~ 0.05; the unextrapolated softmax is far off
+    assert 0.5 * (counts / n - exact).abs().sum() < 0.06
+    assert 0.5 * ((current[0] / temperature).softmax(-1).double() - exact).abs().sum() > 0.15
+
+
+def test_compiled_apo_step_gives_the_eager_tokens(model):
+    compiled = fast_generation.Compile(backend="aot_eager")
+    previous, sampling = _partner(model), Sampling(1.0, 1.0, seed=8)
+    eager = fast_generate(model, PROMPTS, 3, 12, sampling, {5}, max_slots=5, compile_step=False,
+                          extrapolation=(previous, 0.5))
+    out = fast_generate(model, PROMPTS, 3, 12, sampling, {5}, max_slots=5, compile_step=compiled,
+                        extrapolation=(previous, 0.5))
+    assert "compile_error" not in out.stats and out.stats["compiled"] >= 1
+    assert out.tokens == eager.tokens and out.stopped == eager.stopped

@@ -114,3 +114,26 @@ def test_engine_choice_and_modes(two_models, tiny_model_dir, tokenizer):
         dtype=torch.float32, engine="transformers")
     assert info == {"engine": "transformers", "sample_from": "extrapolated_weights"}
     assert [len(r) for r in responses] == [2, 2]
+
+
+@torch.no_grad()
+def test_extrapolated_logits_sampler_on_the_fast_path(two_models, tiny_model_dir, tokenizer, monkeypatch):
+    """APO's extrapolated-logits sampler through `sample_responses`: greedy answers on the fast path (forced on
+    CPU; the previous model decoded in step with the current one) equal `generate`'s with `ExtrapolatedLogits`."""
+    from align_cli import fast_generation
+    from align_cli.config import ModelConfig
+
+    _, _, directory = two_models
+    sampler = Sampler(str(directory), str(tiny_model_dir), ALPHA, "extrapolated_logits")
+    settings = SamplingSettings(max_new_tokens=8, temperature=0.0, num_samples=1, seed=0, batch_size=2)
+    calls = []
+    original = fast_generation.fast_generate
+    monkeypatch.setattr(fast_generation, "fast_generate", lambda *a, **k: calls.append(k) or original(*a, **k))
+    answers = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("ALIGN_FAST_GENERATION", mode)
+        answers[mode], info = sample_responses(sampler, tokenizer, PROMPTS, settings, model_config=ModelConfig(),
+                                               dtype=torch.float32, engine="transformers")
+        assert info["sample_from"] == "extrapolated_logits"
+    assert len(calls) == 1 and calls[0]["extrapolation"][1] == ALPHA  # the fast path ran once, with the partner
+    assert answers["1"] == answers["0"]

@@ -253,14 +253,26 @@ class ExtrapolatedLogits(LogitsProcessor):
         return combined.to(scores.dtype)
 
 
-def extrapolated_logits_factory(previous: torch.nn.Module, alpha: float):
-    """For `generation.generate(..., processor_factory=...)`: a fresh processor per batch, its prompt mask
-    repeated like `generate` repeats the prompts for several samples each."""
-    def make(encoded, num_samples: int) -> ExtrapolatedLogits:
-        mask = encoded["attention_mask"].repeat_interleave(num_samples, dim=0)
-        return ExtrapolatedLogits(previous, alpha, mask)
+@dataclass(frozen=True)
+class ExtrapolatedLogitsFactory:
+    """For `generation.generate(..., processor_factory=...)`: a fresh `ExtrapolatedLogits` per `generate` batch,
+    its prompt mask repeated like `generate` repeats the prompts for several samples each; on the fast path
+    (`fast_partner`) the previous model is decoded in step with the current one instead
+    (`fast_generation.fast_generate(extrapolation=...)`, the same logits)."""
 
-    return make
+    previous: torch.nn.Module
+    alpha: float
+
+    def __call__(self, encoded, num_samples: int) -> ExtrapolatedLogits:
+        mask = encoded["attention_mask"].repeat_interleave(num_samples, dim=0)
+        return ExtrapolatedLogits(self.previous, self.alpha, mask)
+
+    def fast_partner(self) -> tuple[torch.nn.Module, float]:
+        return self.previous, self.alpha
+
+
+def extrapolated_logits_factory(previous: torch.nn.Module, alpha: float) -> ExtrapolatedLogitsFactory:
+    return ExtrapolatedLogitsFactory(previous, alpha)
 
 
 def save_directory(model, tokenizer, target: Path) -> Path:
