@@ -67,8 +67,8 @@ def decode(model, tokenizer, texts: list[str], settings: SamplingSettings, stops
 
     `fast` (None: `fast_generation.wanted`, the default on CUDA): every prompt x sample in one
     `fast_generation.fast_generate` call, continuous batching, seeds per (seed, prompt index, sample index).
-    Otherwise, and always with a `processor_for`, transformers `generate` in batches of `batch_size` prompts,
-    seeded per batch. `processor_for(encoded_batch, num_samples)`, called once per batch, gives that batch's logits
+    Otherwise (and where `fast_generation.blocker` names a reason, e.g. a processor without a fast-path
+    equivalent) transformers `generate` in batches of `batch_size` prompts, seeded per batch. `processor_for(encoded_batch, num_samples)`, called once per batch, gives that batch's logits
     processor (APO's extrapolated logits hold a second model's KV cache). `logits_processor`: one processor for
     every batch (HAPO's adaptive temperature, which records per row). Both have fast-path equivalents
     (`fast_partner()`, `fast_sampling()`), so neither holds the call on the slow path."""
