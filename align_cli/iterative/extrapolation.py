@@ -21,6 +21,7 @@ No model is trained for it; three things are computed from the two checkpoints i
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,6 +216,13 @@ def extrapolated_weights(current: torch.nn.Module, previous: torch.nn.Module, al
     return current
 
 
+def _cache_argument(model) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.2x on (`past_key_values` is deprecated
+    there and goes in 5.40), `past_key_values` before."""
+    parameters = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 class ExtrapolatedLogits(LogitsProcessor):
     """Per-token `(1+alpha)*z_current - alpha*z_previous` inside `generate` of the current model.
 
@@ -240,8 +248,9 @@ class ExtrapolatedLogits(LogitsProcessor):
         positions = mask.long().cumsum(-1) - 1
         positions = positions.masked_fill(mask == 0, 1)[:, -new_tokens.shape[1]:]
         output = self.previous(input_ids=new_tokens, attention_mask=mask, position_ids=positions,
-                               past_key_values=self.cache, use_cache=True)
-        self.cache, self.attention_mask, self.seen = output.past_key_values, mask, input_ids.shape[1]
+                               **{_cache_argument(self.previous): self.cache}, use_cache=True)
+        cache = output.cache if hasattr(output, "cache") else output.past_key_values
+        self.cache, self.attention_mask, self.seen = cache, mask, input_ids.shape[1]
         return output.logits[:, -1, :]
 
     @torch.no_grad()
