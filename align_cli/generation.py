@@ -91,7 +91,8 @@ def decode(model, tokenizer, texts: list[str], settings: SamplingSettings, stops
     device = next(model.parameters()).device
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    decoded = Decoded([], [], [], records=[] if processor_for is not None else None)
+    records = hasattr(logits_processor, "take_records")  # HAPO's processor records per `generate` row
+    decoded = Decoded([], [], [], records=[] if records else None)
     sampling = settings.temperature > 0
     try:
         for start in range(0, len(texts), settings.batch_size):
@@ -108,7 +109,7 @@ def decode(model, tokenizer, texts: list[str], settings: SamplingSettings, stops
             )
             mask = encoded["attention_mask"].bool()
             decoded.prompt_ids.extend(ids[row_mask].tolist() for ids, row_mask in zip(encoded["input_ids"], mask))
-            factors, entropies = processor.take_records() if hasattr(processor, "take_records") else (None, None)
+            factors, entropies = processor.take_records() if records else (None, None)
             for index, sequence in enumerate(generated[:, encoded["input_ids"].shape[1]:].tolist()):
                 completion, stopped = cut_at_stop(sequence, stops)
                 decoded.completion_ids.append(completion)
@@ -118,8 +119,6 @@ def decode(model, tokenizer, texts: list[str], settings: SamplingSettings, stops
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
-    if decoded.records is not None and len(decoded.records) != len(decoded.completion_ids):
-        decoded.records = None  # the processor records nothing (APO's extrapolation)
     return decoded
 
 
