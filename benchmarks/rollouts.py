@@ -183,7 +183,37 @@ def timed(fn):
     return result, time.perf_counter() - start, (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
-def run_case(model, method, sequences, new_tokens, spread, warmup, repeats: int = 1):
+def kernel_profile(call, top: int = 30) -> dict:
+    """One more run of `call` under torch.profiler (CUDA activity only): kernels launched, per decode step, GPU
+    time in kernels against the call's wall time, and the kernels with the most GPU time. Tells launch- or
+    latency-bound steps (many short kernels, GPU idle between them) from bandwidth- or compute-bound ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        (_, stats) = call()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    rows = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "cuda_time_total", 0.0)
+        if device_us > 0 and event.count > 0:
+            rows.append((event.key, event.count, device_us))
+    rows.sort(key=lambda row: -row[2])
+    kernel_us = sum(us for _, _, us in rows)
+    launches = sum(count for _, count, _ in rows)
+    steps = max(1, stats.get("decode_steps", 1))
+    return {"wall_s": round(wall, 3), "kernel_s": round(kernel_us / 1e6, 3), "gpu_busy": round(kernel_us / 1e6 / wall, 3),
+            "kernels": launches, "kernels_per_step": round(launches / steps, 1),
+            "mean_kernel_us": round(kernel_us / max(1, launches), 2), "decode_steps": steps,
+            "top": [{"name": name[:90], "count": count, "us": round(us, 1), "us_each": round(us / count, 2)}
+                    for name, count, us in rows[:top]]}
+
+
+def run_case(model, method, sequences, new_tokens, spread, warmup, repeats: int = 1, profiled: bool = False):
     prompts, lengths = workload(sequences, new_tokens, spread)
     call = {
         "today": lambda: (hf_generate(model, prompts, lengths, new_tokens, TODAY_SEQUENCES), {}),
@@ -208,6 +238,11 @@ def run_case(model, method, sequences, new_tokens, spread, warmup, repeats: int 
     case.update({"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(rates[len(rates) // 2], 1),
                  "tokens_per_s_runs": [round(tokens / s, 1) for (tokens, _), s, _ in runs],
                  "peak_extra_gib": round(peak, 2), "stats": stats})
+    if profiled:
+        try:
+            case["profile"] = kernel_profile(call)
+        except Exception as error:  # the timed numbers above stand without it
+            case["profile"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     return case
 
 
@@ -278,6 +313,7 @@ def main() -> None:
                         default=["static_compile", "hf_cb", "ours", "ours_compiled", "ours_hapo", "ours_apo"])
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (tokens_per_s: their median)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip cases once this much time has passed")
+    parser.add_argument("--profile", nargs="*", default=[], help="methods whose cases get one profiled run more")
     parser.add_argument("--name", default="rollouts-h200.json")
     args = parser.parse_args()
     import transformers
@@ -310,7 +346,7 @@ def main() -> None:
                                 "spread": bool(spread)}
                         try:
                             case.update(run_case(model, method, sequences, new_tokens, bool(spread),
-                                                 method in args.warmup, args.repeats))
+                                                 method in args.warmup, args.repeats, method in args.profile))
                         except Exception as error:  # record what failed and go on: one lease, many cases
                             case["error"] = f"{type(error).__name__}: {str(error)[:300]}"
                         print(json.dumps(case), flush=True)
