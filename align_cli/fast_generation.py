@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fused_projections import fusable_groups, fuse_projections, fused_bytes, worth_fusing
 from .losses.hapo import EntropyStats, normalise_entropy
 from .models import decoder, output_head, unwrap
 
@@ -390,13 +391,30 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def default_kv_budget(config, dtype, device) -> int:
-    """KV tokens to preallocate: on CUDA a third of the free memory (training state and the sampling
-    buffers share the card); on CPU 64k tokens."""
+def default_kv_budget(config, dtype, device, reserved: int = 0) -> int:
+    """KV tokens to preallocate: on CUDA a third of the free memory less `reserved` bytes (the fused
+    projections' copies; training state and the sampling buffers share the card); on CPU 64k tokens."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free / 3 // kv_bytes_per_token(config, dtype))
+        return int(max(0, free - reserved) / 3 // kv_bytes_per_token(config, dtype))
     return 1 << 16
+
+
+def fuse_mode() -> str:
+    """`ALIGN_FAST_FUSE`: `auto` (fuse q/k/v and gate/up on CUDA when the copies fit, `fused_projections`),
+    `1` (also on CPU), `0` (never)."""
+    value = os.environ.get("ALIGN_FAST_FUSE", "auto").strip().lower()
+    return {"1": "on", "true": "on", "on": "on", "0": "off", "false": "off", "off": "off"}.get(value, "auto")
+
+
+def _fusing(fuse: bool | None, device, *models) -> tuple[bool, int]:
+    """Whether this call fuses its projections (`fuse`, None: `ALIGN_FAST_FUSE`), and the bytes that takes."""
+    groups = [group for model in models if model is not None for group in fusable_groups(model)]
+    if fuse is None:
+        chosen = fuse_mode()
+        fuse = chosen == "on" or (chosen == "auto" and device.type == "cuda" and worth_fusing(groups, device))
+    fuse = bool(fuse and groups)
+    return fuse, fused_bytes(groups) if fuse else 0
 
 
 def _decode_forward(body, head, tokens: torch.Tensor, positions: torch.Tensor, masks: dict, after,
@@ -533,14 +551,16 @@ def _graph_sizes(slots: int) -> list[int]:
 def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tokens: int, sampling: Sampling,
                   stop_ids, *, kv_token_budget: int | None = None, cuda_graph: bool | None = None,
                   max_slots: int | None = None, lengths: list[int] | None = None,
-                  compile_step: bool | Compile | None = None, extrapolation: tuple | None = None) -> FastOutput:
+                  compile_step: bool | Compile | None = None, extrapolation: tuple | None = None,
+                  fuse: bool | None = None) -> FastOutput:
     """`num_samples` completions of each prompt (token ids) under `sampling`. `lengths` (benchmarks):
     per sequence, a number of new tokens after which it ends as if it had sampled a stop token.
     `extrapolation` = (previous model, alpha): APO's sampler, logits `(1+alpha) z - alpha z_previous` at every
     step (`extrapolate`), the previous model decoded in step with its keys and values in the same slots.
     `compile_step`: compile the decode step before capture (None: `ALIGN_FAST_COMPILE`, by default on CUDA;
     a `Compile` picks backend and mode). Steps that need a host decision (top-p < 1 when sampling) stay
-    eager and uncompiled."""
+    eager and uncompiled. `fuse`: q/k/v and gate/up as one GEMM each (`fused_projections`; None:
+    `ALIGN_FAST_FUSE`, by default on CUDA when the copies fit)."""
     global _ACTIVE
     inner = unwrap(model)
     config = inner.config
@@ -552,8 +572,9 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
         return FastOutput([], [], [], [], {})
     max_prompt = max(len(p) for p in prompts)
     max_len = -(-(max_prompt + max_new_tokens) // 16) * 16  # mask rows aligned for the fused attention kernels
-    budget = kv_token_budget if kv_token_budget is not None else default_kv_budget(config, dtype, device)
     partner_model = unwrap(extrapolation[0]) if extrapolation is not None else None
+    fusing, reserved = _fusing(fuse, device, inner, partner_model)
+    budget = kv_token_budget if kv_token_budget is not None else default_kv_budget(config, dtype, device, reserved)
     partner = None
     if partner_model is not None:
         partner = Partner(decoder(partner_model), output_head(partner_model), float(extrapolation[1]))
@@ -758,7 +779,9 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
     if partner_model is not None:
         partner_model.eval()
     try:
-        with _fast_attention(inner, partner_model):
+        with _fast_attention(inner, partner_model), \
+                (fuse_projections(inner, partner_model) if fusing else contextlib.nullcontext(0)) as fused:
+            stats["fused_groups"] = fused
             admit()
             batch = slots
             while True:

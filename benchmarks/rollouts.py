@@ -12,7 +12,8 @@ almost never samples EOS, so with `--spread 1` every sequence gets a length draw
 processor on the transformers paths, through `lengths` on ours. Generated tokens count each completion up
 to and including its EOS. Each (method, case) runs once untimed (compilation, graph capture) when
 `--warmup` says so, then `--repeats` times timed (the median is reported). `ours` is the uncompiled decode
-step, `ours_compiled` the one compiled before capture (its warm-up's stats hold the compile seconds); `ours_hapo`
+step, `ours_compiled` the one compiled before capture (its warm-up's stats hold the compile seconds; q/k/v and gate/up
+fused as on CUDA by default, `ours_compiled_unfused` without that); `ours_hapo`
 and `ours_apo` the compiled step with HAPO's adaptive temperature and with APO's extrapolated logits.
 """
 
@@ -120,7 +121,8 @@ def hf_continuous(model, prompts, lengths, new_tokens) -> int:
     return sum(len(r.generated_tokens) for r in results.values())
 
 
-def ours(model, prompts, lengths, new_tokens, compiled: bool = False, sampler: str = "plain") -> tuple[int, dict]:
+def ours(model, prompts, lengths, new_tokens, compiled: bool = False, sampler: str = "plain",
+         fuse: bool | None = None) -> tuple[int, dict]:
     """`sampler`: plain T = 1; `hapo`: HAPO's adaptive temperature (tau 0.3, fixed made-up statistics, inside the
     step); `apo`: APO's extrapolated logits (alpha 0.5) against a second random-init model of the same shape
     decoded in step (its keys and values beside the first model's: half the slots per KV budget)."""
@@ -131,7 +133,7 @@ def ours(model, prompts, lengths, new_tokens, compiled: bool = False, sampler: s
     adaptive = AdaptiveSampling(0.3, "paper", EntropyStats(1.0, 0.5, 2.0, -2.0)) if sampler == "hapo" else None
     extrapolation = (partner_model(model), 0.5) if sampler == "apo" else None
     out = fast_generate(model, prompts, GROUP, new_tokens, Sampling(1.0, 1.0, 0, adaptive), {EOS}, lengths=lengths,
-                        compile_step=compiled, extrapolation=extrapolation)
+                        compile_step=compiled, extrapolation=extrapolation, fuse=fuse)
     return sum(len(t) for t in out.tokens), out.stats
 
 
@@ -223,6 +225,8 @@ def run_case(model, method, sequences, new_tokens, spread, warmup, repeats: int 
         "ours": lambda: ours(model, prompts, lengths, new_tokens),
         # the decode step compiled (inductor) before capture; the warm-up run pays the compilation
         "ours_compiled": lambda: ours(model, prompts, lengths, new_tokens, compiled=True),
+        # the same without fusing q/k/v and gate/up into one GEMM each (align_cli/fused_projections.py)
+        "ours_compiled_unfused": lambda: ours(model, prompts, lengths, new_tokens, compiled=True, fuse=False),
         # the two samplers with a fast-path equivalent of a logits processor, compiled
         "ours_hapo": lambda: ours(model, prompts, lengths, new_tokens, compiled=True, sampler="hapo"),
         "ours_apo": lambda: ours(model, prompts, lengths, new_tokens, compiled=True, sampler="apo"),
@@ -310,7 +314,8 @@ def main() -> None:
     parser.add_argument("--grpo-repeats", type=int, default=1, help="GRPO steps timed (median per phase reported)")
     parser.add_argument("--check", action="store_true", help="greedy agreement of ours with generate first")
     parser.add_argument("--warmup", nargs="*",
-                        default=["static_compile", "hf_cb", "ours", "ours_compiled", "ours_hapo", "ours_apo"])
+                        default=["static_compile", "hf_cb", "ours", "ours_compiled", "ours_compiled_unfused", "ours_hapo",
+                                 "ours_apo"])
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (tokens_per_s: their median)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip cases once this much time has passed")
     parser.add_argument("--profile", nargs="*", default=[], help="methods whose cases get one profiled run more")
