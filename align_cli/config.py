@@ -437,6 +437,34 @@ class TrainingConfig(Section):
         "auto", description="torch.compile each decoder layer (one graph shared by all layers; the first steps pay "
                             "the compilation, cached across runs). auto: on CUDA, not under DeepSpeed (off on CPU); "
                             "a layer that fails to compile runs eagerly, with a warning (align_cli/compilation.py).")
+    optimizer_in_backward: bool = Field(
+        False, description="Step each parameter's AdamW inside backward as soon as its gradient is complete, and free "
+                           "that gradient (torchtune's optimizer_in_bwd): the step needs neither all gradients at once "
+                           "nor the optimiser's temporaries. Same torch AdamW (fused kernel). Needs max_grad_norm: null "
+                           "(the global norm exists only after every parameter has stepped; the norm is still logged), "
+                           "one process (no DDP, FSDP, DeepSpeed), no fp16. With gradient_accumulation_steps > 1 only "
+                           "the last micro-batch steps (align_cli/optimizer_in_backward.py).")
+    offload_activations: bool = Field(
+        False, description="With gradient_checkpointing: keep each checkpointed decoder layer's saved input in pinned "
+                           "CPU memory between forward and backward, copied on a side CUDA stream and brought back a "
+                           "layer ahead. Same results, less GPU memory (align_cli/activation_offload.py).")
+
+    @model_validator(mode="after")
+    def _check_memory_levers(self) -> "TrainingConfig":
+        if self.optimizer_in_backward and self.max_grad_norm is not None:
+            raise ValueError(
+                f"training.optimizer_in_backward steps each parameter inside backward, before the global gradient "
+                f"norm exists, so it cannot clip to training.max_grad_norm ({self.max_grad_norm}): set "
+                f"training.max_grad_norm: null (the norm is still computed, logged and checked for non-finite "
+                f"values) or training.optimizer_in_backward: false")
+        if self.optimizer_in_backward and self.precision == "fp16":
+            raise ValueError("training.optimizer_in_backward cannot run with training.precision: fp16: the grad scaler "
+                             "must see every gradient before any parameter steps. Use bf16 or fp32.")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ValueError("training.offload_activations moves what gradient checkpointing keeps (each layer's "
+                             "input): set training.gradient_checkpointing: true (without it every activation would "
+                             "cross the bus twice per step)")
+        return self
 
 
 class LoraConfig(Section):

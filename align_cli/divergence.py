@@ -3,7 +3,9 @@
 Divergence (a non-finite loss, gradient norm or parameter) stops the run before the bad step reaches the
 weights or a checkpoint: the loss is checked before `backward`, the total gradient norm before
 `optimizer.step()`, the trainable parameters before every checkpoint. `TrainingDiverged` (exit 2) names the
-step and the last checkpoint on disk, which is finite because nothing non-finite is ever saved.
+step and the last checkpoint on disk, which is finite because nothing non-finite is ever saved. With
+`training.optimizer_in_backward` each parameter steps inside backward; there every gradient is checked on the
+device before its parameter steps, and the norm after backward (`optimizer_in_backward.py`).
 
 Collapse (the run goes on, but learns nothing) is only warned about: see `CollapseMonitor`.
 """
@@ -20,6 +22,7 @@ import torch
 from .checkpoint import list_checkpoints
 from .errors import UserError
 
+NOT_APPLIED = "That step was not applied and nothing non-finite was saved"
 ADVICE = ("Lower training.learning_rate, keep training.max_grad_norm set, check the data, or use "
           "training.precision: fp32.")
 
@@ -81,10 +84,10 @@ class DivergenceGuard:
         found = list_checkpoints(self.run_dir)
         return str(found[-1]) if found else "none yet"
 
-    def diverged(self, step: int, what: str) -> TrainingDiverged:
+    def diverged(self, step: int, what: str, outcome: str = NOT_APPLIED) -> TrainingDiverged:
         return TrainingDiverged(
-            f"Training diverged at step {step}: {what}. That step was not applied and nothing non-finite was "
-            f"saved; the last finite checkpoint is {self.last_finite_checkpoint()}. {ADVICE}")
+            f"Training diverged at step {step}: {what}. {outcome}; the last finite checkpoint is "
+            f"{self.last_finite_checkpoint()}. {ADVICE}")
 
     def check_loss(self, loss: torch.Tensor | float, step: int, detail: str = "") -> None:
         """Before `backward` (or, summed, before `optimizer.step()`). Every process raises together: the flag is
@@ -97,14 +100,16 @@ class DivergenceGuard:
         if bool(bad):
             raise self.diverged(step, f"the loss became {value}{detail}")
 
-    def check_gradient_norm(self, norm: float | None, step: int, loss: float | None = None) -> None:
+    def check_gradient_norm(self, norm: float | None, step: int, loss: float | None = None,
+                            outcome: str = NOT_APPLIED) -> None:
         """Before `optimizer.step()`; `norm` from `gradient_norm`, the same on every process. With an fp16 grad
         scaler a non-finite norm is routine (the scaler skips that step and lowers its scale), so it is left to
-        the scaler; None (DeepSpeed) cannot be checked."""
+        the scaler; None (DeepSpeed) cannot be checked. `outcome`: what became of the step (with
+        training.optimizer_in_backward it ran inside backward: `optimizer_in_backward.STEP_OUTCOME`)."""
         if norm is None or math.isfinite(norm) or getattr(self.accelerator, "scaler", None) is not None:
             return
         finite_loss = f" (the loss, {loss:.4g}, was finite)" if loss is not None and math.isfinite(loss) else ""
-        raise self.diverged(step, f"the gradient norm became {norm}{finite_loss}")
+        raise self.diverged(step, f"the gradient norm became {norm}{finite_loss}", outcome)
 
     def check_parameters(self, step: int) -> None:
         """Before every checkpoint: a checkpoint never holds non-finite weights."""

@@ -21,6 +21,7 @@ import torch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from .config import Recipe, TrainingConfig
 from .divergence import DivergenceGuard
+from .optimizer_in_backward import AdamWInBackward
 from .run_dir import first_checkpoint_written
 from .run_log import MetricsLog
 from .run_setup import RunInputs
@@ -81,9 +82,11 @@ def _checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep_last: i
 def optimiser_and_schedule(model, training: TrainingConfig, steps: int, updates_per_step: int = 1):
     """AdamW over the trainable parameters and the recipe's LR schedule over all optimiser steps. A training
     step is `updates_per_step` optimiser steps (the online loop's passes x mini-batches; 1 for the pairwise
-    one), so `training.warmup_steps`, counted in training steps, is scaled by it."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=training.learning_rate,
-                                  betas=training.adam_betas, weight_decay=training.weight_decay)
+    one), so `training.warmup_steps`, counted in training steps, is scaled by it. With
+    `training.optimizer_in_backward` the same AdamW steps each parameter inside backward (`AdamWInBackward`)."""
+    adamw = AdamWInBackward if training.optimizer_in_backward else torch.optim.AdamW
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=training.learning_rate,
+                      betas=training.adam_betas, weight_decay=training.weight_decay)
     from transformers import get_scheduler
 
     optimizer_steps = steps * updates_per_step

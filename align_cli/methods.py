@@ -53,7 +53,8 @@ METHODS: dict[str, Method] = {
     # Pairs plus self-revision sequences (data/srpo.py, self_revision.py).
     "srpo": Method(runner="align_cli.pairwise.trainer:train", default_loss=True, revision_evaluation=True),
     # Online RL (align_cli/rl): rollouts, rewards, group advantages, one RL loss term.
-    "grpo": Method(runner="align_cli.rl.trainer:train_rl", default_loss=True, online_rl=True),
+    "grpo": Method(runner="align_cli.rl.trainer:train_rl", default_loss=True, online_rl=True,
+                   recipe_check="align_cli.rl.trainer:refuse_pairwise_memory_keys"),
     # Iterative loops around the pairwise trainer (align_cli/iterative).
     "apo": Method(runner="align_cli.iterative.apo:run_apo",
                   recipe_check="align_cli.iterative.apo:require_estimable_normaliser"),

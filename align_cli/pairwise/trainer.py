@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..config import Recipe
+from ..activation_offload import ActivationOffload
 from ..data.batching import DataOrder, collate_groups
 from ..distributed import configure_engine, mark_sharded_for_generation, prepare_reference
 from ..divergence import CollapseMonitor, DivergenceGuard, gradient_norm
@@ -32,6 +33,7 @@ from ..lifecycle import (
 )
 from ..measurements import task_accuracy
 from ..methods import METHODS
+from ..optimizer_in_backward import STEP_OUTCOME, refuse_engines
 from ..run_dir import holds_run_directory
 from ..run_log import MetricsLog, progress_bar
 from ..run_setup import RunInputs, prepare_run
@@ -118,6 +120,8 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
     `build_reference` (iterative methods pass their anchor's log-probs; no reference model is loaded).
     `allow_recipe_change`: resume even when the recipe changed in keys that alter the training (`run_dir`)."""
     objective = Objective(recipe.method.losses)
+    if recipe.training.optimizer_in_backward:
+        refuse_engines()  # one process only: before anything is written
     run = prepare_run(recipe, recipe_path, output_dir, resume, overwrite,
                       objective.needs_reference and reference_logps is None,
                       objective.policy_groups, allow_recipe_change)
@@ -134,6 +138,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
 
     model = run.policy
     optimizer, scheduler = optimiser_and_schedule(model, training, steps)
+    in_backward = optimizer if training.optimizer_in_backward else None  # AdamWInBackward: steps inside backward
     configure_engine(accelerator, recipe)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     mark_sharded_for_generation(accelerator, model)
@@ -157,6 +162,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
     stop = StopFlag()
     stop.install()
     train_reference = _reference_for(reference, "train")
+    offload = ActivationOffload(model) if training.offload_activations else None
     model.train()
     started = time.time()
     last_metrics: dict = {}
@@ -175,11 +181,16 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
                         loss, metrics, _ = objective_forward(model, batch, objective, train_reference,
                                                              training.fused_logprobs)
                         guard.check_loss(loss, state["step"] + 1, f" (micro-batch rows {rows[:8]}...)")
+                        if in_backward is not None:  # the last micro-batch's backward steps each parameter
+                            in_backward.begin_backward(stepping=accelerator.sync_gradients)
                         accelerator.backward(loss)
-                        if accelerator.sync_gradients:  # the norm of the accumulated gradient, before it is applied
+                        if accelerator.sync_gradients and in_backward is not None:  # stepped: its norm, once
+                            step_norm = in_backward.end_backward()
+                            guard.check_gradient_norm(step_norm, state["step"] + 1, float(loss.detach()), STEP_OUTCOME)
+                        elif accelerator.sync_gradients:  # the norm of the accumulated gradient, before it is applied
                             step_norm = gradient_norm(accelerator, model.parameters(), training.max_grad_norm)
                             guard.check_gradient_norm(step_norm, state["step"] + 1, float(loss.detach()))
-                        optimizer.step()
+                        optimizer.step()  # AdamWInBackward: nothing left to do
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
                     state["micro_batch"] += 1
@@ -210,6 +221,10 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
     finally:
         stop.restore()
         log.close()
+        if in_backward is not None:
+            in_backward.remove_hooks()
+        if offload is not None:
+            offload.remove()
 
     after, final_dir = finish(run, model, log, state["step"], lambda: _measure(run, model, objective, reference), "data")
     summary = {
@@ -227,6 +242,8 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
         **reference_info,
         "final_train_metrics": last_metrics,
         "compile": run.compile_report(),
+        "memory": {"optimizer_in_backward": training.optimizer_in_backward,
+                   "offloaded_activations": offload.report() if offload is not None else None},
         "before": before,
         "after": after,
         "final_model_dir": final_dir,

@@ -92,6 +92,16 @@ def refuse_sharding_engines(recipe: Recipe) -> None:
                         f"methods.")
 
 
+def refuse_pairwise_memory_keys(recipe: Recipe) -> None:
+    """`training.optimizer_in_backward` and `training.offload_activations` serve the pairwise trainer (and the
+    iterative loops around it); the online loop's passes over mini-batches step and clip on their own."""
+    training = recipe.training
+    for key in ("optimizer_in_backward", "offload_activations"):
+        if getattr(training, key):
+            raise UserError(f"training.{key} is implemented by the pairwise trainer (DPO family, APO, Curry-DPO), "
+                            f"not by the online RL loop of method {recipe.method.name}: set training.{key}: false.")
+
+
 def loss_settings(recipe: Recipe) -> tuple[str, Callable, dict, str]:
     """The policy loss term: name, function, hyperparameters (recipe over defaults), aggregation."""
     term = recipe.method.losses[0]
