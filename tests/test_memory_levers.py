@@ -43,19 +43,22 @@ def train_records(run_dir):
     return [r for r in records if r["split"] == "train"]
 
 
-def tiny_llama(layers=2, checkpointing=False):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # CUDA: the fused kernel and the copy stream
+
+
+def tiny_llama(layers=2, checkpointing=False, device="cpu", hidden=32, intermediate=64):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    config = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(device)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
 
 
-def token_batches(count, seed=1):
+def token_batches(count, seed=1, device="cpu", tokens=16):
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 128, (2, 16), generator=generator) for _ in range(count)]
+    return [torch.randint(0, 128, (2, tokens), generator=generator).to(device) for _ in range(count)]
 
 
 def train_by_hand(model, optimizer, batches, accumulation=1) -> list[float]:
@@ -87,23 +90,24 @@ SETTINGS = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
 # ---------------------------------------------------------------- optimizer in backward: the optimiser itself
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_in_backward_equals_torch_adamw(accumulation):
+def test_in_backward_equals_torch_adamw(accumulation, device):
     """6 micro-batches (6 or 3 steps), float32, weight decay on: bit for bit torch.optim.AdamW(fused=True) stepped
     after backward, with the same state_dict (the checkpoint's layout); within rounding of the default AdamW kernel
     the normal path runs (single-tensor on CPU, multi-tensor on CUDA)."""
-    reference_model, fused_model, model = tiny_llama(), tiny_llama(), tiny_llama()
+    reference_model, fused_model, model = (tiny_llama(device=device) for _ in range(3))
     normal = torch.optim.AdamW(reference_model.parameters(), **SETTINGS)
     fused = torch.optim.AdamW(fused_model.parameters(), fused=True, **SETTINGS)
     in_backward = AdamWInBackward(model.parameters(), **SETTINGS)
-    batches = token_batches(6)
+    batches = token_batches(6, device=device)
     norms = train_by_hand(model, in_backward, batches, accumulation)
     fused_norms = train_by_hand(fused_model, fused, batches, accumulation)
     normal_norms = train_by_hand(reference_model, normal, batches, accumulation)
     for (name, p), q, r in zip(model.named_parameters(), fused_model.parameters(), reference_model.parameters()):
         assert torch.equal(p, q), name
         torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6, msg=name)
-        assert not torch.equal(p, tiny_llama().get_parameter(name)), f"{name} never stepped"
+        assert not torch.equal(p, tiny_llama(device=device).get_parameter(name)), f"{name} never stepped"
     assert norms == pytest.approx(fused_norms, rel=1e-5) and norms == pytest.approx(normal_norms, rel=1e-5)
     ours, theirs = in_backward.state_dict(), fused.state_dict()
     assert ours["param_groups"] == theirs["param_groups"] and ours["state"].keys() == theirs["state"].keys()
@@ -131,13 +135,14 @@ def test_in_backward_continues_a_normal_path_checkpoint():
         assert float(in_backward.state[p]["step"]) == 4.0, name
 
 
-def test_non_finite_gradient_never_reaches_weights_or_moments():
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_gradient_never_reaches_weights_or_moments(device):
     """A NaN injected into the gradient of layer 0's output at step 2 (the loss stays finite): layer 1 and the final
     norm, whose gradients come first, step with finite values; layer 0 and the (tied) embedding, whose gradients are
     NaN, keep their weights, moments and step count bit for bit; the norm is NaN."""
-    model = tiny_llama()
+    model = tiny_llama(device=device)
     optimizer = AdamWInBackward(model.parameters(), **SETTINGS)
-    first, second = token_batches(2)
+    first, second = token_batches(2, device=device)
     train_by_hand(model, optimizer, [first])
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     moments = {name: {k: v.clone() for k, v in optimizer.state[p].items()} for name, p in model.named_parameters()}
@@ -268,11 +273,12 @@ def test_in_backward_refuses_other_engines_before_writing(tiny_recipe, tmp_path,
 # ---------------------------------------------------------------- activation offloading
 
 
-def test_offload_moves_the_checkpointed_layer_inputs_and_changes_no_gradient():
+@pytest.mark.parametrize("device", DEVICES)
+def test_offload_moves_the_checkpointed_layer_inputs_and_changes_no_gradient(device):
     """3 checkpointed layers: each layer's input goes through the hooks (and nothing that is a parameter); the
     gradients are bit-equal to the run without; the hooks come off with `remove`."""
-    plain, offloaded = tiny_llama(3, checkpointing=True), tiny_llama(3, checkpointing=True)
-    ids = token_batches(1)[0]
+    plain, offloaded = (tiny_llama(3, checkpointing=True, device=device) for _ in range(2))
+    ids = token_batches(1, device=device)[0]
     plain(input_ids=ids, labels=ids).loss.backward()
     hidden_bytes = ids.numel() * 32 * 4
     offload = ActivationOffload(offloaded, min_bytes=hidden_bytes)  # the [2, 16, 32] float32 hidden states and up
@@ -313,3 +319,53 @@ def test_trainer_offload_is_bit_identical(tiny_recipe, tmp_path, monkeypatch):
             assert torch.equal(tensor, expected[name]), f"{with_it}: {name}"
         numbers = [[(r["loss"], r["grad_norm"]) for r in train_records(tmp_path / name)] for name in (with_it, without)]
         assert numbers[0] == numbers[1], with_it
+
+
+@pytest.mark.gpu
+def test_offload_lowers_the_cuda_peak_and_keeps_the_gradients():
+    """32 checkpointed layers whose inputs (8 MiB each in bf16) outweigh one layer's recomputation: offloading
+    lowers the peak of forward + backward by at least half of those inputs, with bit-equal gradients. Exercises the
+    copy stream and the prefetch of the previous layer's input."""
+    def peak_and_gradients(offload: bool):
+        model = tiny_llama(32, checkpointing=True, device="cuda", hidden=512, intermediate=512).to(torch.bfloat16)
+        ids = token_batches(1, device="cuda", tokens=4096)[0]
+        hooks = ActivationOffload(model) if offload else None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - start
+        if hooks is not None:
+            assert hooks.report()["tensors"] >= 32
+            hooks.remove()
+        return peak, {name: p.grad for name, p in model.named_parameters()}
+
+    plain_peak, plain = peak_and_gradients(False)
+    offload_peak, offloaded = peak_and_gradients(True)
+    inputs = 32 * 2 * 4096 * 512 * 2
+    assert plain_peak - offload_peak >= inputs / 2, (plain_peak, offload_peak, inputs)
+    for name, grad in plain.items():
+        assert torch.equal(offloaded[name], grad), name
+
+
+@pytest.mark.gpu
+def test_in_backward_lowers_the_cuda_peak():
+    """bf16 weights: the normal step's peak holds every gradient and the multi-tensor temporary; stepping in backward
+    holds neither (a wide MLP, so the weights dominate the activations)."""
+    def peak(in_backward: bool):
+        model = tiny_llama(4, device="cuda", hidden=1024, intermediate=8192).to(torch.bfloat16)
+        parameters = list(model.parameters())
+        optimizer = (AdamWInBackward if in_backward else torch.optim.AdamW)(parameters, **SETTINGS)
+        batches = token_batches(3, device="cuda", tokens=64)
+        train_by_hand(model, optimizer, batches[:1])  # the moments exist from here on
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        train_by_hand(model, optimizer, batches[1:])
+        torch.cuda.synchronize()
+        if in_backward:
+            optimizer.remove_hooks()
+        return torch.cuda.max_memory_allocated(), sum(p.numel() * p.element_size() for p in parameters)
+
+    (normal, weights), (ours, _) = peak(False), peak(True)
+    assert normal - ours >= 1.5 * weights, (normal, ours, weights)  # G + the temporary, less what backward keeps
