@@ -20,6 +20,12 @@ same batches in the same order (TRL's sampler made sequential), same initial wei
   ours compile  ours with training.compile (torch.compile of each decoder layer); also cached, and
                 without activation checkpointing. Since `training.compile: auto` (issue 18), "ours compile" is
                 what `align train` runs on CUDA by default; "ours" is `training.compile: false`
+  ours opt-in-bwd   ours with training.optimizer_in_backward (each parameter's AdamW step inside backward, its
+                gradient freed; torch AdamW's fused kernel). It cannot clip (docs/throughput.md), so these rows
+                run without clip 1.0, unlike every other row
+  ours offload  ours with training.offload_activations (checkpointed layer inputs in pinned CPU memory)
+  ours opt-in-bwd+offload   both. Each of the three also cached, and both also compiled (Llama-3.2-1B shape
+                only; --quick: uncompiled). Pinned host memory is not in the GPU peak, which is the point
 
 Tokens/s counts the tokens of the chosen and rejected sequences as TRL runs them (prompt + completion
 of each, no padding): the same number for every trainer on the same batches. MFU = F x tokens/s /
@@ -287,12 +293,16 @@ def run_ours(
     cached: bool,
     checkpointing: bool = True,
     compile_model: bool = False,
+    in_backward: bool = False,
+    offload: bool = False,
 ) -> dict:
     from accelerate import Accelerator
 
+    from align_cli.activation_offload import ActivationOffload
     from align_cli.compilation import compile_layers
     from align_cli.config import LossTerm, TrainingConfig
     from align_cli.models import freeze
+    from align_cli.optimizer_in_backward import AdamWInBackward
     from align_cli.packed_attention import register_backend
     from align_cli.pairwise.objective import Objective, objective_forward
     from align_cli.pairwise.reference import LiveReference, cached_or_computed
@@ -305,6 +315,9 @@ def run_ours(
         compile=compile_model,
         learning_rate=settings["lr"],
         batch_size=settings["pairs"],
+        optimizer_in_backward=in_backward,
+        max_grad_norm=None if in_backward else 1.0,  # the one semantic difference of those rows
+        offload_activations=offload,
     )
     baseline = memory_baseline(device)
     attention = register_backend() if device.type == "cuda" else "sdpa"
@@ -344,13 +357,15 @@ def run_ours(
         baseline = memory_baseline(device) - parameter_bytes(model)  # the policy stays counted
     else:
         reference = live
-    optimizer = torch.optim.AdamW(
+    optimizer = (AdamWInBackward if in_backward else torch.optim.AdamW)(
         [p for p in model.parameters() if p.requires_grad],
         lr=training.learning_rate,
         betas=training.adam_betas,
         weight_decay=training.weight_decay,
     )
+    stepper = optimizer if in_backward else None  # as the trainer keeps it: the optimiser inside backward
     model, optimizer = accelerator.prepare(model, optimizer)
+    offloading = ActivationOffload(model) if offload else None
     model.train()
     times, losses, run_tokens = [], [], []
     for rows in schedule:
@@ -358,8 +373,13 @@ def run_ours(
         started = time.perf_counter()
         batch = collate(rows, objective.policy_groups, PAD).to(device)
         loss, _, _ = objective_forward(model, batch, objective, reference, training.fused_logprobs)
+        if stepper is not None:
+            stepper.begin_backward(stepping=True)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+        if stepper is not None:
+            stepper.end_backward()  # every parameter has stepped; the norm, as the trainer reads it
+        else:
+            accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
@@ -367,7 +387,12 @@ def run_ours(
         times.append(time.perf_counter() - started)
         run_tokens.append(int(batch.sequences.attention_mask.sum()))
     peak = peak_memory(device, baseline)
-    del model, optimizer, reference
+    if stepper is not None:
+        stepper.remove_hooks()
+    offloaded = offloading.report() if offloading is not None else None
+    if offloading is not None:
+        offloading.remove()
+    del model, optimizer, reference, stepper
     return {
         "times": times,
         "losses": losses,
@@ -375,6 +400,7 @@ def run_ours(
         "parameters": parameters,
         "run_tokens": run_tokens,
         "precompute_seconds": precompute_seconds,
+        "offloaded": offloaded,
     }
 
 
@@ -414,6 +440,7 @@ def summarise(name: str, result: dict, schedule, warmup: int, unique: int, flops
     if result.get("run_tokens"):  # the same windows, counting the tokens ours ran (each prompt once)
         summary["run_tokens_per_second"] = statistics.median(window_rates(result["run_tokens"]))
         summary["precompute_seconds"] = result.get("precompute_seconds")
+        summary["offloaded"] = result.get("offloaded")  # tensors and bytes the last forward offloaded
     return summary
 
 
@@ -474,6 +501,7 @@ def main():
         "--deadline", type=float, default=float("inf"), help="skip experiments after this many s"
     )
     parser.add_argument("--only", default=None, help="comma-separated experiment names")
+    parser.add_argument("--variants", default=None, help="comma-separated variant names (e.g. 'trl,ours opt-in-bwd')")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
@@ -491,8 +519,18 @@ def main():
         ("ours cached", {"cached": True}),
         ("trl cached", {"cached": True}),
     ]
-    if args.quick:
-        experiments.append(("tiny", TINY, 4, 256, {"prompt": (8, 64), "completion": (4, 128)}, main_variants))
+    memory_variants = [  # issue 18's memory levers, with and without the cached reference and compilation
+        (f"ours{' compile' if compiled_ else ''} {lever}{' cached' if cached else ''}",
+         {"cached": cached, "compile_model": compiled_, **options})
+        for compiled_ in (False, True)
+        for lever, options in (("opt-in-bwd", {"in_backward": True}), ("offload", {"offload": True}),
+                               ("opt-in-bwd+offload", {"in_backward": True, "offload": True}))
+        for cached in (False, True)
+        if not compiled_ or lever == "opt-in-bwd+offload"
+    ]
+    if args.quick:  # the memory rows too, uncompiled (inductor's CPU build is slow)
+        quick_variants = main_variants + [v for v in memory_variants if not v[1]["compile_model"]]
+        experiments.append(("tiny", TINY, 4, 256, {"prompt": (8, 64), "completion": (4, 128)}, quick_variants))
     else:
         for shape in ("qwen2.5-0.5b", "llama-3.2-1b"):
             experiments.append((shape, SHAPES[shape], 8, 1536, {}, main_variants))
@@ -504,7 +542,8 @@ def main():
         experiments[1] = experiments[1][:5] + (
             main_variants
             + compiled
-            + [("ours compile no-ckpt", {"cached": False, "compile_model": True, "checkpointing": False})],
+            + [("ours compile no-ckpt", {"cached": False, "compile_model": True, "checkpointing": False})]
+            + memory_variants,
         )
         for length in (4096, 1024, 256):
             experiments.append(
@@ -524,6 +563,9 @@ def main():
     if args.only:
         wanted = set(args.only.split(","))
         experiments = [e for e in experiments if e[0] in wanted]
+    if args.variants:
+        chosen = set(args.variants.split(","))
+        experiments = [e[:5] + ([v for v in e[5] if v[0] in chosen],) for e in experiments]
 
     results = []
     path = os.path.join(args.out, "dpo_vs_trl.jsonl")
