@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from ..config import Recipe
 from ..activation_offload import ActivationOffload
+from ..config import Recipe
 from ..data.batching import DataOrder, collate_groups
 from ..distributed import configure_engine, mark_sharded_for_generation, prepare_reference
 from ..divergence import CollapseMonitor, DivergenceGuard, gradient_norm
