@@ -27,7 +27,11 @@ class ModelConfig(Section):
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model repository. Off unless you trust it.")
     attn_implementation: Optional[str] = Field(
-        None, description="transformers attention backend (`sdpa`, `eager`, `flash_attention_2`); None picks the default.")
+        None, description="transformers attention backend (`sdpa`, `eager`, `flash_attention_2`), or one of ours for "
+                          "packed rows: `align_packed` (per batch FlexAttention or flash varlen, whichever measured "
+                          "faster for the batch's shape bucket), `align_flex` (FlexAttention), `align_varlen` (flash "
+                          "varlen; bf16/fp16, head dim <= 256). None: `align_packed` with packing on CUDA, else the "
+                          "model's default (docs/throughput.md).")
     tokenizer: Optional[str] = Field(None, description="Tokenizer location if it differs from `name`.")
 
 

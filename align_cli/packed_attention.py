@@ -1,15 +1,30 @@
 """The attention structure of a packed row (`data/packing.py`) in the form each backend takes.
 
-- `flex_attention`, or `align_flex` (the GPU default with packing, `register_backend`: FlexAttention
-  for packed rows, SDPA for padded batches and generation): a FlexAttention `BlockMask`. Only the 128 x 128
-  blocks that hold an allowed pair are computed, so attention costs the sum of each sequence's
-  square (plus its prompt), not the square of the row. The block tables are built from the segment
-  ids directly, a band of query blocks at a time, never an `[T, T]` tensor.
+Backends (`model.attn_implementation`; all three `align_*` names are registered by `register_backend` and run
+SDPA for padded batches and for generation with a KV cache, so held-out evaluation and sampling keep SDPA's
+kernels and masks):
+
+- `align_packed` (the GPU default with packing): per batch, FlexAttention or flash varlen, whichever measured
+  faster for the batch's shape bucket (`attention_choice.py`: the first batch of each bucket times one attention
+  call forward and backward of each, the winner is kept for the bucket, printed once and listed in
+  summary.json's `attention`). Varlen is tried only where the flash kernel takes the inputs (bf16 / fp16, head
+  dim <= 256 and a multiple of 8, sm80+); on CPU the candidates are the dense mask and the varlen reference.
+- `align_flex` (forces FlexAttention; `flex_attention` is transformers' own path to the same mask): a
+  FlexAttention `BlockMask`. Only the 128 x 128 blocks that hold an allowed pair are computed, so attention
+  costs the sum of each sequence's square (plus its prompt), not the square of the row. The block tables are
+  built from the segment ids directly, a band of query blocks at a time, never an `[T, T]` tensor.
+- `align_varlen` (forces varlen): the row as variable-length sequences (`varlen_attention.py`): per segment
+  its queries, and as keys its prompt's tokens then its own, through torch's FlashAttention-2 varlen kernel
+  (the pure-torch reference of the same layout on CPU). A completion's keys are gathered, so prompt sharing
+  costs one small gather of keys and values per layer. The layout reaches the attention function as the
+  keyword `VARLEN_KWARG` (transformers passes a forward's extra keywords down to every attention call, also
+  under gradient checkpointing and regional compilation), with a `[1, 1, 0, 0]` stand-in `attention_mask`
+  that transformers' mask builder hands on unchanged (a 4-D mask), so no `[T, T]` mask is ever built.
 - `sdpa` / `eager` (CPU, or by choice): an explicit `[1, 1, T, T]` mask, boolean for SDPA, additive
   for eager. Exact, but memory and time grow with T^2: meant for CPU and short rows.
 - `flash_attention_2` / `flash_attention_3`: no mask; transformers reads the sequence boundaries
   from the restarting position ids (varlen kernels). Plain packing only: a completion cannot see a
-  prompt that is not contiguous with it, so prompt sharing is refused there.
+  prompt that is not contiguous with it, so prompt sharing is refused there (`align_varlen` shares prompts).
 
 transformers passes a 4-D mask or a `BlockMask` through to the attention function unchanged.
 """
@@ -18,31 +33,44 @@ from __future__ import annotations
 
 import torch
 
+from .attention_choice import CHOOSER, attention_trials, bucket_of
 from .data.packing import PackedSequenceBatch
 from .errors import UserError
+from .varlen_attention import VarlenLayout, flash_varlen_unsupported, varlen_attention_forward, varlen_layout
 
 FLASH_BACKENDS = ("flash_attention_2", "flash_attention_3")
-FLEX_BACKEND = "align_flex"  # FlexAttention on packed rows, SDPA elsewhere
+PACKED_BACKEND = "align_packed"  # per batch, FlexAttention or flash varlen by measured cost; SDPA elsewhere
+FLEX_BACKEND = "align_flex"      # FlexAttention on packed rows, SDPA elsewhere
+VARLEN_BACKEND = "align_varlen"  # flash varlen on packed rows, SDPA elsewhere
+ALIGN_BACKENDS = (PACKED_BACKEND, FLEX_BACKEND, VARLEN_BACKEND)
+VARLEN_KWARG = "align_varlen_layout"  # the forward keyword that carries a VarlenLayout to the attention calls
 BLOCK = 128
 
 
 def register_backend() -> str:
-    """Register `align_flex` with transformers (idempotent) and return its name. A model loaded with it
-    runs FlexAttention when handed a `BlockMask` (packed rows) and SDPA otherwise, so held-out
-    evaluation on padded batches and generation with a KV cache keep SDPA's kernels and masks."""
-    from torch.nn.attention.flex_attention import BlockMask
+    """Register the `align_*` backends with transformers (idempotent) and return the default, `align_packed`.
+    They share one attention function, which runs what it is handed: varlen for a `VarlenLayout` keyword,
+    FlexAttention for a `BlockMask`, SDPA otherwise (padded batches, generation with a KV cache); which one a
+    packed row gets is `model_inputs`' choice, by the backend's name."""
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-        if isinstance(attention_mask, BlockMask):
-            return flex_attention_forward(query, key, value, attention_mask, scaling), None
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    for name in ALIGN_BACKENDS:
+        AttentionInterface.register(name, _attention)
+        AttentionMaskInterface.register(name, sdpa_mask)
+    return PACKED_BACKEND
 
-    AttentionInterface.register(FLEX_BACKEND, attention)
-    AttentionMaskInterface.register(FLEX_BACKEND, sdpa_mask)
-    return FLEX_BACKEND
+
+def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    from torch.nn.attention.flex_attention import BlockMask
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layout = kwargs.get(VARLEN_KWARG)
+    if layout is not None:
+        return varlen_attention_forward(query, key, value, layout, scaling), None
+    if isinstance(attention_mask, BlockMask):
+        return flex_attention_forward(query, key, value, attention_mask, scaling), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
 _compiled_flex = None
@@ -125,32 +153,106 @@ def attention_implementation(model) -> str:
     return getattr(config, "_attn_implementation", None) or "eager"
 
 
+def attention_shape(model) -> tuple[int, int, int, torch.dtype]:
+    """(heads, key/value heads, head dim, dtype) of the model's attention inputs."""
+    from .models import unwrap
+
+    inner = unwrap(model)
+    config = inner.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, getattr(config, "num_key_value_heads", None) or heads, head_dim, inner.dtype
+
+
 def model_inputs(model, batch: PackedSequenceBatch) -> dict:
-    """Keyword arguments for the model's forward over a packed row. The mask is built once per batch
-    and backend, so the reference forward reuses the policy's."""
+    """Keyword arguments for the model's forward over a packed row. Masks and layouts are built once per batch
+    and kept on it (`batch._attention`), so the reference forward reuses the policy's."""
     implementation = attention_implementation(model)
     inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
     if implementation in FLASH_BACKENDS:
         if batch.shares_prompts:
-            raise UserError(f"training.share_prompt needs an attention backend that takes a mask "
-                            f"(flex_attention, sdpa); {implementation} reads only sequence boundaries. Set "
-                            f"training.share_prompt: "
-                            f"false or model.attn_implementation: flex_attention.")
+            raise UserError(f"training.share_prompt needs an attention backend that takes a mask or shares "
+                            f"prompts (align_packed, align_varlen, align_flex, flex_attention, sdpa); "
+                            f"{implementation} reads only sequence boundaries. Set training.share_prompt: false "
+                            f"or model.attn_implementation: align_packed.")
         return inputs
-    if implementation in ("flex_attention", FLEX_BACKEND):
-        key = implementation
-        if key not in batch._attention:
-            batch._attention[key] = block_mask(batch.segments, batch.context)
-    else:
-        from .models import unwrap
+    kind = attention_kind(model, batch, implementation)
+    if kind == "varlen":
+        layout = packed_layout(batch)
+        return {**inputs, "attention_mask": layout.placeholder, VARLEN_KWARG: layout}
+    if kind == "flex":
+        return {**inputs, "attention_mask": packed_block_mask(batch)}
+    from .models import unwrap
 
-        dtype = unwrap(model).dtype
-        key = (implementation, dtype)
-        if key not in batch._attention:
-            allowed = dense_mask(batch.segments, batch.context)
-            if implementation != "sdpa":  # eager and others add the mask to the scores
-                floating = dtype if dtype.is_floating_point else torch.float32
-                allowed = torch.zeros(allowed.shape, dtype=floating, device=allowed.device).masked_fill(
-                    ~allowed, torch.finfo(floating).min)
-            batch._attention[key] = allowed
-    return {**inputs, "attention_mask": batch._attention[key]}
+    return {**inputs, "attention_mask": packed_dense_mask(batch, implementation, unwrap(model).dtype)}
+
+
+def attention_kind(model, batch: PackedSequenceBatch, implementation: str) -> str:
+    """"varlen", "flex" or "dense": what the packed row runs under `implementation`."""
+    if implementation in ("flex_attention", FLEX_BACKEND):
+        return "flex"
+    if implementation == VARLEN_BACKEND:
+        device = batch.input_ids.device
+        heads, kv_heads, head_dim, dtype = attention_shape(model)
+        if device.type == "cuda" and (why := flash_varlen_unsupported(head_dim, dtype, device)):
+            raise UserError(f"model.attn_implementation: {VARLEN_BACKEND} cannot run this model: {why}. Use "
+                            f"model.attn_implementation: {PACKED_BACKEND} (it then takes FlexAttention) or "
+                            f"{FLEX_BACKEND}.")
+        return "varlen"
+    if implementation == PACKED_BACKEND:
+        return measured_kind(model, batch)
+    return "dense"
+
+
+def measured_kind(model, batch: PackedSequenceBatch) -> str:
+    """`align_packed`'s choice for this batch's bucket, measured the first time the bucket is seen
+    (`attention_choice.py`). CUDA: FlexAttention against flash varlen where the kernel takes the inputs; CPU:
+    the dense mask against the varlen reference."""
+    heads, kv_heads, head_dim, dtype = attention_shape(model)
+    device, length = batch.input_ids.device, batch.input_ids.shape[1]
+    bucket = bucket_of(length, batch.num_sequences, batch.shares_prompts, heads, kv_heads, head_dim, dtype, device)
+    if (known := CHOOSER.known(bucket)) is not None:
+        return known
+    scale = head_dim ** -0.5
+    unavailable = {}
+    if device.type == "cuda":
+        forwards = {"flex": lambda q, k, v: flex_attention_forward(q, k, v, packed_block_mask(batch), scale)}
+        if why := flash_varlen_unsupported(head_dim, dtype, device):
+            unavailable["varlen"] = why
+    else:
+        def dense(q, k, v):
+            mask = packed_dense_mask(batch, "sdpa", dtype)
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads).transpose(1, 2)
+
+        forwards = {"dense": dense}
+    if "varlen" not in unavailable:
+        forwards["varlen"] = lambda q, k, v: varlen_attention_forward(q, k, v, packed_layout(batch), scale)
+    return CHOOSER.choose(bucket, lambda: attention_trials(forwards, heads, kv_heads, head_dim, length, dtype, device),
+                          unavailable)
+
+
+def packed_layout(batch: PackedSequenceBatch) -> VarlenLayout:
+    if "varlen" not in batch._attention:
+        batch._attention["varlen"] = varlen_layout(batch.segments, batch.context)
+    return batch._attention["varlen"]
+
+
+def packed_block_mask(batch: PackedSequenceBatch):
+    if "flex" not in batch._attention:
+        batch._attention["flex"] = block_mask(batch.segments, batch.context)
+    return batch._attention["flex"]
+
+
+def packed_dense_mask(batch: PackedSequenceBatch, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """`[1, 1, T, T]`: boolean for SDPA (and the `align_*` backends' SDPA), additive for eager and others."""
+    additive = implementation not in ("sdpa", *ALIGN_BACKENDS)
+    key = ("dense", dtype if additive else torch.bool)
+    if key not in batch._attention:
+        allowed = dense_mask(batch.segments, batch.context)
+        if additive:
+            floating = dtype if dtype.is_floating_point else torch.float32
+            allowed = torch.zeros(allowed.shape, dtype=floating, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(floating).min)
+        batch._attention[key] = allowed
+    return batch._attention[key]

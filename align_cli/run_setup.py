@@ -187,15 +187,14 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
 
 
 def model_config_for(model: ModelConfig, training: TrainingConfig) -> ModelConfig:
-    """The model settings to load with: packing on CUDA without a chosen backend takes `align_flex`
-    (FlexAttention on packed rows, SDPA on padded batches and in generation)."""
+    """The model settings to load with: packing on CUDA without a chosen backend takes `align_packed`
+    (per batch FlexAttention or flash varlen on packed rows, by measured cost; SDPA on padded batches and in
+    generation; align_cli/packed_attention.py)."""
+    from .packed_attention import ALIGN_BACKENDS, register_backend
+
     if model.attn_implementation is None and packing_enabled(training) and torch.cuda.is_available():
-        from .packed_attention import register_backend
-
         return model.model_copy(update={"attn_implementation": register_backend()})
-    if model.attn_implementation == "align_flex":
-        from .packed_attention import register_backend
-
+    if model.attn_implementation in ALIGN_BACKENDS:
         register_backend()
     return model
 

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..activation_offload import ActivationOffload
+from ..attention_choice import attention_report
 from ..config import Recipe
 from ..data.batching import DataOrder, collate_groups
 from ..distributed import configure_engine, mark_sharded_for_generation, prepare_reference
@@ -242,6 +243,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
         **reference_info,
         "final_train_metrics": last_metrics,
         "compile": run.compile_report(),
+        "attention": attention_report(),  # align_packed's measured backend per shape bucket (packed_attention.py)
         "memory": {"optimizer_in_backward": training.optimizer_in_backward,
                    "offloaded_activations": offload.report() if offload is not None else None},
         "before": before,
