@@ -12,9 +12,12 @@ same batches in the same order (TRL's sampler made sequential), same initial wei
   trl           DPOTrainer, its defaults: fused LM head, gradient checkpointing, reference model copy
                 (handed to it as `ref_model`: it would reload one from the model's path, which a
                 random-init model lacks)
-  ours          our default on GPU: packed rows (FlexAttention block mask), prompt shared by chosen and
-                rejected, fused log-prob kernel, live reference run without autograd on the same packed
-                row; gradient checkpointing on (as TRL)
+  ours          our default on GPU: packed rows (attention align_packed: per shape bucket FlexAttention's block mask
+                or flash varlen, whichever measured faster), prompt shared by chosen and rejected, fused log-prob
+                kernel, live reference run without autograd on the same packed row; gradient checkpointing on (as
+                TRL). A row's `attention` lists align_packed's decisions (attention_choice.py)
+  ours flex / ours varlen   ours with the backend forced (model.attn_implementation: align_flex / align_varlen),
+                also compiled: the fixed-length rows only
   ours cached   the same with reference log-probs precomputed to the disk cache (reference model freed)
   trl cached    DPOTrainer with precompute_ref_log_probs (no reference model kept)
   ours compile  ours with training.compile (torch.compile of each decoder layer); also cached, and
@@ -36,7 +39,8 @@ maximum allocated by torch during the run (weights, reference, optimizer states,
 what was allocated before it started. Times are per optimizer step with a CUDA sync; a run is warm-up
 steps, then 3 windows over the same unique batches; the table reports the median window.
 
-Scaling: Qwen shape, prompt 256, chosen = rejected length L in {256, 1024, 4096}, 4 pairs per step.
+Scaling: Qwen shape, prompt 256, chosen = rejected length L in {256, 1024, 4096}, 4 pairs per step, and
+L = 16384 with 2 pairs per step (66k packed tokens; TRL pads each sequence to 16640).
 """
 
 from __future__ import annotations
@@ -295,10 +299,12 @@ def run_ours(
     compile_model: bool = False,
     in_backward: bool = False,
     offload: bool = False,
+    attention: str | None = None,
 ) -> dict:
     from accelerate import Accelerator
 
     from align_cli.activation_offload import ActivationOffload
+    from align_cli.attention_choice import CHOOSER, attention_report
     from align_cli.compilation import compile_layers
     from align_cli.config import LossTerm, TrainingConfig
     from align_cli.models import freeze
@@ -320,8 +326,9 @@ def run_ours(
         offload_activations=offload,
     )
     baseline = memory_baseline(device)
-    attention = register_backend() if device.type == "cuda" else "sdpa"
-    model = build_model(spec["shape"], device, dtype, attention)
+    default = register_backend() if device.type == "cuda" else "sdpa"  # align_packed: measured per bucket
+    CHOOSER.clear()  # this row's decisions only
+    model = build_model(spec["shape"], device, dtype, attention or default)
     parameters = parameter_count(model)
     if checkpointing:  # as run_setup.prepare_run does
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -401,6 +408,7 @@ def run_ours(
         "run_tokens": run_tokens,
         "precompute_seconds": precompute_seconds,
         "offloaded": offloaded,
+        "attention": attention_report(),
     }
 
 
@@ -441,6 +449,7 @@ def summarise(name: str, result: dict, schedule, warmup: int, unique: int, flops
         summary["run_tokens_per_second"] = statistics.median(window_rates(result["run_tokens"]))
         summary["precompute_seconds"] = result.get("precompute_seconds")
         summary["offloaded"] = result.get("offloaded")  # tensors and bytes the last forward offloaded
+        summary["attention"] = result.get("attention")  # align_packed's measured choices
     return summary
 
 
@@ -545,19 +554,26 @@ def main():
             + [("ours compile no-ckpt", {"cached": False, "compile_model": True, "checkpointing": False})]
             + memory_variants,
         )
-        for length in (4096, 1024, 256):
+        forced = [  # the fixed-length rows with each packed-row backend forced, uncompiled and compiled
+            (f"ours{' compile' if compiled_ else ''} {backend}",
+             {"cached": False, "compile_model": compiled_, "attention": f"align_{backend}"})
+            for backend in ("flex", "varlen")
+            for compiled_ in (False, True)
+        ]
+        for length, pairs in ((4096, 4), (16384, 2), (1024, 4), (256, 4)):
             experiments.append(
                 (
                     f"qwen2.5-0.5b L={length}",
                     SHAPES["qwen2.5-0.5b"],
-                    4,
+                    pairs,
                     256 + length,
                     {"fixed": (256, length)},
                     [
                         ("trl", {}),
                         ("ours", {"cached": False}),
                         ("ours compile", {"cached": False, "compile_model": True}),
-                    ],
+                    ]
+                    + (forced if length >= 4096 else []),
                 )
             )
     if args.only:
