@@ -52,25 +52,28 @@ def register_backend() -> str:
     They share one attention function, which runs what it is handed: varlen for a `VarlenLayout` keyword,
     FlexAttention for a `BlockMask`, SDPA otherwise (padded batches, generation with a KV cache); which one a
     packed row gets is `model_inputs`' choice, by the backend's name."""
+    from torch.nn.attention.flex_attention import BlockMask
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        layout = kwargs.get(VARLEN_KWARG)
+        if layout is not None:
+            return varlen_attention_forward(query, key, value, layout, scaling), None
+        if isinstance(attention_mask, BlockMask):
+            return flex_attention_forward(query, key, value, attention_mask, scaling), None
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    global _registered
+    _registered = _registered or attention  # one function object: compiled layers guard on it
     for name in ALIGN_BACKENDS:
-        AttentionInterface.register(name, _attention)
+        AttentionInterface.register(name, _registered)
         AttentionMaskInterface.register(name, sdpa_mask)
     return PACKED_BACKEND
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    from torch.nn.attention.flex_attention import BlockMask
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    layout = kwargs.get(VARLEN_KWARG)
-    if layout is not None:
-        return varlen_attention_forward(query, key, value, layout, scaling), None
-    if isinstance(attention_mask, BlockMask):
-        return flex_attention_forward(query, key, value, attention_mask, scaling), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+_registered = None
 
 
 _compiled_flex = None
