@@ -8,6 +8,10 @@ elsewhere), and the bucket keeps the one with the lowest median. Buckets: the ro
 tokens per sequence, each rounded up to a power of two, prompt sharing, heads, key/value heads, head dim,
 dtype, device type. Each decision is printed once (process 0) and listed in summary.json's `attention`.
 
+A candidate whose warm-up output differs from the first candidate's (FlexAttention on CUDA, the dense mask
+elsewhere) by more than the dtype's rounding is not chosen (`disagreeing`): a kernel computing another attention
+(say, a causal alignment changed in some torch version) would otherwise win on speed alone.
+
 The trial leaves training untouched: its inputs come from a generator of its own (the global RNG streams
 are not drawn from), its gradients are returned by `torch.autograd.grad` and dropped (no `.grad` is
 written), and it runs under `enable_grad` whatever the caller's grad mode.
@@ -76,16 +80,22 @@ class BackendChooser:
         decision = self.decisions.get(bucket)
         return decision.chosen if decision is not None else None
 
-    def choose(self, bucket: Bucket, trials: Callable[[], dict[str, Callable[[], None]]],
+    def choose(self, bucket: Bucket, trials: Callable[[], dict[str, Callable]],
                unavailable: dict[str, str] | None = None) -> str:
-        """The bucket's backend; the first time, `trials()` gives each candidate's one fwd+bwd run to time (one
-        candidate is taken untimed)."""
+        """The bucket's backend; the first time, `trials()` gives each candidate's one fwd+bwd run to time, which
+        returns its output or None (one candidate is taken untimed; one whose output disagrees with the first's is
+        not chosen)."""
         if (chosen := self.known(bucket)) is not None:
             return chosen
         candidates = trials()
-        milliseconds = measure(candidates, torch.device(bucket.device), self.repeats) if len(candidates) > 1 else {}
+        unavailable = dict(unavailable or {})
+        milliseconds = {}
+        if len(candidates) > 1:
+            milliseconds, outputs = measure(candidates, torch.device(bucket.device), self.repeats)
+            unavailable.update(disagreeing(outputs))
+            milliseconds = {name: ms for name, ms in milliseconds.items() if name not in unavailable}
         chosen = min(milliseconds, key=milliseconds.get) if milliseconds else next(iter(candidates))
-        decision = Decision(bucket, chosen, milliseconds, dict(unavailable or {}))
+        decision = Decision(bucket, chosen, milliseconds, unavailable)
         self.decisions[bucket] = decision
         if _main_process():
             print(decision.line(), file=sys.stderr, flush=True)
@@ -106,36 +116,51 @@ def attention_report() -> list[dict]:
     return CHOOSER.report()
 
 
-def measure(candidates: dict[str, Callable[[], None]], device: torch.device, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each candidate's call: one warm-up each (compilation, allocation), then `repeats`
-    rounds with the candidates interleaved, so drift in clocks or load falls on all alike."""
+def measure(candidates: dict[str, Callable], device: torch.device, repeats: int) -> tuple[dict[str, float], dict]:
+    """Median milliseconds of each candidate's call, and each warm-up's output (what the call returns, None for
+    nothing): one warm-up each (compilation, allocation), then `repeats` rounds with the candidates interleaved,
+    so drift in clocks or load falls on all alike."""
     with torch.enable_grad():
-        for run in candidates.values():
-            run()
+        outputs = {name: run() for name, run in candidates.items()}
         times: dict[str, list[float]] = {name: [] for name in candidates}
         for _ in range(repeats):
             for name, run in candidates.items():
                 times[name].append(_timed(run, device))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: statistics.median(values) for name, values in times.items()}, outputs
 
 
-def _timed(run: Callable[[], None], device: torch.device) -> float:
+def disagreeing(outputs: dict[str, torch.Tensor | None]) -> dict[str, str]:
+    """Candidates whose output differs from the first candidate's beyond the dtype's rounding, with why."""
+    (reference_name, reference), *others = outputs.items()
+    if reference is None:
+        return {}
+    low_precision = reference.dtype in (torch.float16, torch.bfloat16)
+    tolerance = (2e-2 if low_precision else 1e-4) * max(1.0, reference.abs().max().item())
+    found = {}
+    for name, output in others:
+        if output is None:
+            continue
+        error = (output.float() - reference.float()).abs().max().item()
+        if not error <= tolerance:   # also a NaN
+            found[name] = f"its output differs from {reference_name}'s by {error:.3g} (tolerance {tolerance:.3g})"
+    return found
+
+
+def _timed(run: Callable, device: torch.device) -> float:
     if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
+        from .kernels.triton_logprobs import elapsed_ms
+
+        return elapsed_ms(run)
     started = time.perf_counter()
     run()
     return 1e3 * (time.perf_counter() - started)
 
 
 def attention_trials(forwards: dict[str, Callable], heads: int, kv_heads: int, head_dim: int, row_tokens: int,
-                     dtype: torch.dtype, device: torch.device) -> dict[str, Callable[[], None]]:
+                     dtype: torch.dtype, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
     """Per candidate, a closure running its `forward(query, key, value)` (`[1, H, T, D]` in, `[1, T, H, D]` out) and
-    the backward to query, key and value, on random inputs from a private generator, shared by all candidates."""
+    the backward to query, key and value, on random inputs from a private generator, shared by all candidates; it
+    returns the output (`disagreeing` compares them)."""
     generator = torch.Generator(device=device).manual_seed(0)
 
     def draw(*shape):
@@ -149,6 +174,7 @@ def attention_trials(forwards: dict[str, Callable], heads: int, kv_heads: int, h
         def run():
             output = forward(query, key, value)
             torch.autograd.grad(output, (query, key, value), grad_output)
+            return output.detach()
         return run
 
     return {name: trial(forward) for name, forward in forwards.items()}

@@ -189,6 +189,27 @@ def test_chooser_takes_a_lone_candidate_untimed_and_keeps_the_fastest():
     assert [power_of_two_at_least(n) for n in (1, 128, 129, 4352)] == [1, 128, 256, 8192]
 
 
+def test_chooser_never_takes_a_candidate_computing_another_attention():
+    import time
+
+    chooser = BackendChooser(repeats=1)
+    bucket = bucket_of(1024, 4, True, 4, 2, 16, torch.float32, torch.device("cpu"))
+    output = torch.randn(1, 8, 4, 16, generator=torch.Generator().manual_seed(0))
+
+    def slow_reference():
+        time.sleep(0.01)
+        return output
+
+    wrong = output.clone()
+    wrong[0, :2] += 1.0   # the first queries attend elsewhere (e.g. a top-left causal alignment)
+    assert chooser.choose(bucket, lambda: {"dense": slow_reference, "varlen": lambda: wrong}) == "dense"
+    [decision] = chooser.report()
+    assert "differs from dense" in decision["unavailable"]["varlen"] and "varlen" not in decision["milliseconds"]
+    close = output + 1e-6   # rounding: still a candidate, and the faster one wins
+    other = bucket._replace(row_tokens=2048)
+    assert chooser.choose(other, lambda: {"dense": slow_reference, "varlen": lambda: close}) == "varlen"
+
+
 def test_flash_kernel_is_refused_where_it_cannot_run():
     cpu = torch.device("cpu")
     assert "CUDA" in flash_varlen_unsupported(64, torch.bfloat16, cpu)
