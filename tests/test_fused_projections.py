@@ -5,8 +5,16 @@ model is left as it was, LoRA-wrapped projections stay unfused, and a compiled s
 import pytest
 import torch
 from test_fast_generation import PROMPTS, VOCAB, _dynamo_graphs, model  # noqa: F401 - the tiny Llama fixture
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from align_cli import fast_generation
 from align_cli.fast_generation import Sampling, fast_generate
