@@ -1,14 +1,3 @@
 #!/usr/bin/env bash
-# One device run of benchmarks/rollouts.py: pydantic travels as wheels in .whl-fast/ (the project's config
-# needs it; the device image has none), the project is installed with --target, arguments go to the script.
-set -o pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-REPO=$PWD
-OUT=${OUT:-$REPO/benchmark-out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation --target /tmp/site \
-    "$REPO"/.whl-fast/*.whl "$REPO" 2>&1 | grep -v "WARNING: Target directory" || true
-export PYTHONPATH=/tmp/site
-cd /tmp || exit 1
-python3 "$REPO/benchmarks/rollouts.py" --out "$OUT" "$@" 2>&1 | tee "$OUT/rollouts.log"
+# One device run of benchmarks/rollouts.py (carry .whl-fast/); arguments go to the script.
+exec bash "$(dirname "$0")/run_installed.sh" benchmarks/rollouts.py "$@"

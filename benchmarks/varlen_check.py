@@ -18,7 +18,9 @@ On one CUDA GPU, at the Qwen2.5-0.5B attention shape (14 query heads, 2 key/valu
    parameter gradients, relative errors), eager and with the decoder layers compiled (training.compile's
    regional compile, inductor), two row lengths each; and align_packed's decisions (attention_choice.py).
 
-Prints one JSON object (also written to DIR/varlen_check.json). Needs the checkout on PYTHONPATH and pydantic.
+Prints one JSON object (also written to DIR/varlen_check.json). Needs the project installed (align_cli.losses
+exists only in the installed package) and pydantic: on the device, `bash benchmarks/run_installed.sh
+benchmarks/varlen_check.py [ARGS]` with .whl-fast/ carried.
 """
 
 from __future__ import annotations
@@ -34,11 +36,9 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from align_cli.data.packing import pack_sequences  # noqa: E402
-from align_cli.packed_attention import block_mask, dense_mask, flex_attention_forward  # noqa: E402
-from align_cli.varlen_attention import (  # noqa: E402
+from align_cli.data.packing import pack_sequences
+from align_cli.packed_attention import block_mask, dense_mask, flex_attention_forward
+from align_cli.varlen_attention import (
     VARLEN_CAUSAL,
     VARLEN_TAKES_GQA,
     VARLEN_TAKES_SCALE,
