@@ -452,6 +452,12 @@ class TrainingConfig(Section):
         False, description="With gradient_checkpointing: keep each checkpointed decoder layer's saved input in pinned "
                            "CPU memory between forward and backward, copied on a side CUDA stream and brought back a "
                            "layer ahead. Same results, less GPU memory (align_cli/activation_offload.py).")
+    mlp_chunk_tokens: Optional[int] = Field(
+        None, ge=64, description="Run each decoder layer's MLP over chunks of this many tokens, each chunk "
+                                 "checkpointed, so backward holds one chunk's MLP intermediates instead of the whole "
+                                 "row's (a tiled MLP). Same values up to float rounding; costs one more MLP forward a "
+                                 "step. Under training.compile the MLP runs outside the compiled graph. null: off "
+                                 "(align_cli/chunked_mlp.py).")
 
     @model_validator(mode="after")
     def _check_memory_levers(self) -> "TrainingConfig":

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import remove_tree
+from .chunked_mlp import chunk_mlps
 from .compilation import compile_decision, compile_layers
 from .config import DataSource, ModelConfig, Recipe, TrainingConfig
 from .data.packing import check_packing_settings, packing_enabled
@@ -43,6 +44,11 @@ class RunInputs:
     # `training.compile`: whether the layers were compiled and why (compilation.compile_decision), and the
     # CompiledLayers of the policy (and live reference) when they were.
     compilation: dict | None = None
+    chunked_mlps: int = 0  # `training.mlp_chunk_tokens`: how many decoder MLPs run in chunks (chunked_mlp.py)
+
+    def memory_report(self) -> dict:
+        """summary.json's `memory` keys of the MLP chunking (the pairwise trainer adds its levers)."""
+        return {"mlp_chunk_tokens": self.recipe.training.mlp_chunk_tokens, "chunked_mlps": self.chunked_mlps}
 
     def compile_report(self) -> dict | None:
         """summary.json's `compile`: enabled, why, backend, and the error a fallback to eager came from."""
@@ -162,8 +168,7 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
     check_packing_settings(recipe.training)
     model_config = model_config_for(recipe.model, recipe.training)  # attention backend for packed rows
     policy = load_causal_lm(recipe.model.name, model_config, dtype)
-    if recipe.training.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    chunked = prepare_for_backward(policy, recipe.training)
     reference_name = recipe.reference.name
     reference_model, context = None, contextlib.nullcontext
     if recipe.peft.enabled:
@@ -181,9 +186,17 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
             reference_model.to(accelerator.device)
     run = RunInputs(recipe, run_dir, accelerator, tokenizer, settings, train_data, eval_data, report, policy,
                     reference_model, context, resolve_model_location(reference_name or recipe.model.name), dtype,
-                    load_task_rows(recipe), compilation)
+                    load_task_rows(recipe), compilation, chunked)
     begin_writing(run_dir)  # everything loaded: an --overwrite's old run moves aside only now
     return run
+
+
+def prepare_for_backward(policy, training: TrainingConfig) -> int:
+    """The policy's activation checkpointing (non-reentrant, per decoder layer) and MLP chunking, as `training`
+    asks; returns how many MLPs run in chunks."""
+    if training.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return chunk_mlps(policy, training.mlp_chunk_tokens)
 
 
 def model_config_for(model: ModelConfig, training: TrainingConfig) -> ModelConfig:

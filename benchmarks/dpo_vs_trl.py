@@ -29,6 +29,8 @@ same batches in the same order (TRL's sampler made sequential), same initial wei
   ours offload  ours with training.offload_activations (checkpointed layer inputs in pinned CPU memory)
   ours opt-in-bwd+offload   both. Each of the three also cached, and both also compiled (Llama-3.2-1B shape
                 only; --quick: uncompiled). Pinned host memory is not in the GPU peak, which is the point
+  ours chunked  ours with training.mlp_chunk_tokens: 2048 (each decoder MLP over checkpointed chunks of
+                tokens); also with both levers above ("opt-in-bwd+offload+chunked"), cached and compiled
 
 Tokens/s counts the tokens of the chosen and rejected sequences as TRL runs them (prompt + completion
 of each, no padding): the same number for every trainer on the same batches. MFU = F x tokens/s /
@@ -299,6 +301,7 @@ def run_ours(
     compile_model: bool = False,
     in_backward: bool = False,
     offload: bool = False,
+    mlp_chunk: int | None = None,
     attention: str | None = None,
 ) -> dict:
     from accelerate import Accelerator
@@ -313,6 +316,7 @@ def run_ours(
     from align_cli.pairwise.objective import Objective, objective_forward
     from align_cli.pairwise.reference import LiveReference, cached_or_computed
     from align_cli.pairwise.throughput import collate_for
+    from align_cli.run_setup import prepare_for_backward
 
     training = TrainingConfig(
         packing=True,
@@ -324,14 +328,14 @@ def run_ours(
         optimizer_in_backward=in_backward,
         max_grad_norm=None if in_backward else 1.0,  # the one semantic difference of those rows
         offload_activations=offload,
+        mlp_chunk_tokens=mlp_chunk,
     )
     baseline = memory_baseline(device)
     default = register_backend() if device.type == "cuda" else "sdpa"  # align_packed: measured per bucket
     CHOOSER.clear()  # this row's decisions only
     model = build_model(spec["shape"], device, dtype, attention or default)
     parameters = parameter_count(model)
-    if checkpointing:  # as run_setup.prepare_run does
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare_for_backward(model, training)  # checkpointing and MLP chunks, as run_setup.prepare_run does
     reference_model = freeze(copy.deepcopy(model))
     if compile_model:
         compile_layers(model)
@@ -533,9 +537,12 @@ def main():
          {"cached": cached, "compile_model": compiled_, **options})
         for compiled_ in (False, True)
         for lever, options in (("opt-in-bwd", {"in_backward": True}), ("offload", {"offload": True}),
-                               ("opt-in-bwd+offload", {"in_backward": True, "offload": True}))
+                               ("opt-in-bwd+offload", {"in_backward": True, "offload": True}),
+                               ("chunked", {"mlp_chunk": 2048}),
+                               ("opt-in-bwd+offload+chunked", {"in_backward": True, "offload": True,
+                                                               "mlp_chunk": 2048}))
         for cached in (False, True)
-        if not compiled_ or lever == "opt-in-bwd+offload"
+        if not compiled_ or lever.startswith("opt-in-bwd+offload")
     ]
     if args.quick:  # the memory rows too, uncompiled (inductor's CPU build is slow)
         quick_variants = main_variants + [v for v in memory_variants if not v[1]["compile_model"]]

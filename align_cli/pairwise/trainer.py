@@ -245,7 +245,8 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
         "compile": run.compile_report(),
         "attention": attention_report(),  # align_packed's measured backend per shape bucket (packed_attention.py)
         "memory": {"optimizer_in_backward": training.optimizer_in_backward,
-                   "offloaded_activations": offload.report() if offload is not None else None},
+                   "offloaded_activations": offload.report() if offload is not None else None,
+                   **run.memory_report()},
         "before": before,
         "after": after,
         "final_model_dir": final_dir,

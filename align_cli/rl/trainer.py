@@ -44,7 +44,7 @@ from ..measurements import task_accuracy
 from ..models import apply_lora, freeze, load_causal_lm, resolve_dtype, resolve_model_location, unwrap
 from ..run_dir import begin_writing, holds_run_directory
 from ..run_log import MetricsLog, progress_bar
-from ..run_setup import RunInputs, load_task_rows, start_run
+from ..run_setup import RunInputs, load_task_rows, prepare_for_backward, start_run
 from .advantages import Selection, advantages_of, d3s_selection, informative_groups
 from .data import PromptOrder, load_prompt_rows
 from .rewards import WeightedRewards, overlong_penalty
@@ -61,8 +61,7 @@ def prepare_rl_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | N
     prompts, report = load_prompt_rows(recipe, tokenizer)
     dtype = resolve_dtype(recipe.model.dtype)
     policy = load_causal_lm(recipe.model.name, recipe.model, dtype)
-    if recipe.training.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    chunked = prepare_for_backward(policy, recipe.training)
     reference_name, reference_model, context = recipe.reference.name, None, contextlib.nullcontext
     if recipe.peft.enabled:
         policy = apply_lora(policy, recipe.peft)
@@ -75,7 +74,7 @@ def prepare_rl_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | N
                     train_data=prompts, eval_data=None, data_report=report, policy=policy,
                     reference_model=reference_model, reference_context=context,
                     reference_location=resolve_model_location(reference_name or recipe.model.name), dtype=dtype,
-                    task_rows=load_task_rows(recipe))
+                    task_rows=load_task_rows(recipe), chunked_mlps=chunked)
     begin_writing(run_dir)  # everything loaded: an --overwrite's old run moves aside only now
     return run
 
@@ -366,6 +365,7 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
         "completion_tokens": state["tokens"],
         **timing(state, started),
         "final_train_metrics": last_metrics,
+        "memory": run.memory_report(),
         "before": before,
         "after": after,
         "final_model_dir": final_dir,
