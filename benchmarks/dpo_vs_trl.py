@@ -1,6 +1,7 @@
 """Benchmark: DPO training steps, TRL 1.16 DPOTrainer against ours, same GPU, same work (not a test).
 
-    python benchmarks/dpo_vs_trl.py [--out DIR] [--quick] [--deadline SECONDS]
+    python benchmarks/dpo_vs_trl.py [--out DIR] [--quick] [--deadline SECONDS] [--only ...] [--variants ...]
+        [--profile-step K]
 
 Models are random-init from config only (Qwen2.5-0.5B and Llama-3.2-1B shapes, bf16 weights). Data
 is synthetic: prompt 64-512 tokens, chosen and rejected 32-1024 each (uniform, random token ids, an
@@ -62,6 +63,7 @@ import traceback
 import zlib
 
 import torch
+from profiling import StepProfiler
 
 PEAK_FLOPS = 989e12
 PAD, EOS, UNK = 0, 1, 2
@@ -198,7 +200,8 @@ def peak_memory(device, baseline: int) -> float:
 
 
 def run_trl(
-    spec: dict, schedule: list[list[dict]], settings: dict, device, dtype, *, cached: bool = False
+    spec: dict, schedule: list[list[dict]], settings: dict, device, dtype, *, cached: bool = False,
+    profile_step: int | None = None,
 ) -> dict:
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
@@ -210,15 +213,18 @@ def run_trl(
             return SequentialSampler(self.train_dataset)
 
     times, losses = [], []
+    profiler = StepProfiler(profile_step)
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             sync(device)
+            profiler.begin(len(times))
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             sync(device)
             times.append(time.perf_counter() - self.started)
+            profiler.end(len(times) - 1)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -283,7 +289,8 @@ def run_trl(
     trainer.train()
     peak = peak_memory(device, baseline)
     del trainer, model
-    return {"times": times, "losses": losses, "peak_gib": peak, "parameters": parameters}
+    return {"times": times, "losses": losses, "peak_gib": peak, "parameters": parameters,
+            "profile": profiler.summary}
 
 
 # ----------------------------------------------------------------------------------------------- ours
@@ -303,6 +310,7 @@ def run_ours(
     offload: bool = False,
     mlp_chunk: int | None = None,
     attention: str | None = None,
+    profile_step: int | None = None,
 ) -> dict:
     from accelerate import Accelerator
 
@@ -379,8 +387,10 @@ def run_ours(
     offloading = ActivationOffload(model) if offload else None
     model.train()
     times, losses, run_tokens = [], [], []
-    for rows in schedule:
+    profiler = StepProfiler(profile_step)
+    for step, rows in enumerate(schedule):
         sync(device)
+        profiler.begin(step)
         started = time.perf_counter()
         batch = collate(rows, objective.policy_groups, PAD).to(device)
         loss, _, _ = objective_forward(model, batch, objective, reference, training.fused_logprobs)
@@ -396,6 +406,7 @@ def run_ours(
         losses.append(float(loss.detach()))
         sync(device)
         times.append(time.perf_counter() - started)
+        profiler.end(step)
         run_tokens.append(int(batch.sequences.attention_mask.sum()))
     peak = peak_memory(device, baseline)
     if stepper is not None:
@@ -413,6 +424,7 @@ def run_ours(
         "precompute_seconds": precompute_seconds,
         "offloaded": offloaded,
         "attention": attention_report(),
+        "profile": profiler.summary,
     }
 
 
@@ -449,6 +461,8 @@ def summarise(name: str, result: dict, schedule, warmup: int, unique: int, flops
         "step_seconds": result["times"],
         "parameters": result["parameters"],
     }
+    if result.get("profile"):  # --profile-step: that step's kernels (benchmarks/profiling.py)
+        summary["profile"] = result["profile"]
     if result.get("run_tokens"):  # the same windows, counting the tokens ours ran (each prompt once)
         summary["run_tokens_per_second"] = statistics.median(window_rates(result["run_tokens"]))
         summary["precompute_seconds"] = result.get("precompute_seconds")
@@ -515,6 +529,8 @@ def main():
     )
     parser.add_argument("--only", default=None, help="comma-separated experiment names")
     parser.add_argument("--variants", default=None, help="comma-separated variant names (e.g. 'trl,ours opt-in-bwd')")
+    parser.add_argument("--profile-step", type=int, default=None,
+                        help="profile this step (0-based) of every variant: its CUDA kernels, in the JSONL's 'profile'")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
@@ -607,10 +623,8 @@ def main():
             print(f"== {experiment} / {name}", flush=True)
             begun = time.time()
             try:
-                if name.startswith("trl"):
-                    result = run_trl(spec, schedule, settings, device, dtype, **options)
-                else:
-                    result = run_ours(spec, schedule, settings, device, dtype, **options)
+                run = run_trl if name.startswith("trl") else run_ours
+                result = run(spec, schedule, settings, device, dtype, profile_step=args.profile_step, **options)
                 flops = 6 if options.get("cached") else 8
                 summary = summarise(name, result, schedule, warmup, unique, flops)
             except Exception as error:  # noqa: BLE001 -- one failed variant must not lose the others

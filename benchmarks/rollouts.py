@@ -29,6 +29,7 @@ import sys
 import time
 
 import torch
+from profiling import kernel_summary
 
 SHAPES = {
     # Qwen2.5-0.5B / 1.5B (config.json of the hub models), random init
@@ -185,10 +186,9 @@ def timed(fn):
     return result, time.perf_counter() - start, (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
-def kernel_profile(call, top: int = 30) -> dict:
-    """One more run of `call` under torch.profiler (CUDA activity only): kernels launched, per decode step, GPU
-    time in kernels against the call's wall time, and the kernels with the most GPU time. Tells launch- or
-    latency-bound steps (many short kernels, GPU idle between them) from bandwidth- or compute-bound ones."""
+def kernel_profile(call) -> dict:
+    """One more run of `call` under torch.profiler (CUDA activity only), summarised per decode step
+    (benchmarks/profiling.py)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -196,23 +196,9 @@ def kernel_profile(call, top: int = 30) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         (_, stats) = call()
         torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    rows = []
-    for event in prof.key_averages():
-        device_us = getattr(event, "device_time_total", None)
-        if device_us is None:
-            device_us = getattr(event, "cuda_time_total", 0.0)
-        if device_us > 0 and event.count > 0:
-            rows.append((event.key, event.count, device_us))
-    rows.sort(key=lambda row: -row[2])
-    kernel_us = sum(us for _, _, us in rows)
-    launches = sum(count for _, count, _ in rows)
-    steps = max(1, stats.get("decode_steps", 1))
-    return {"wall_s": round(wall, 3), "kernel_s": round(kernel_us / 1e6, 3), "gpu_busy": round(kernel_us / 1e6 / wall, 3),
-            "kernels": launches, "kernels_per_step": round(launches / steps, 1),
-            "mean_kernel_us": round(kernel_us / max(1, launches), 2), "decode_steps": steps,
-            "top": [{"name": name[:90], "count": count, "us": round(us, 1), "us_each": round(us / count, 2)}
-                    for name, count, us in rows[:top]]}
+    summary = kernel_summary(prof, time.perf_counter() - start, stats.get("decode_steps", 1))
+    summary["decode_steps"] = summary.pop("steps")
+    return summary
 
 
 def run_case(model, method, sequences, new_tokens, spread, warmup, repeats: int = 1, profiled: bool = False):
