@@ -13,7 +13,8 @@ processor on the transformers paths, through `lengths` on ours. Generated tokens
 to and including its EOS. Each (method, case) runs once untimed (compilation, graph capture) when
 `--warmup` says so, then `--repeats` times timed (the median is reported). `ours` is the uncompiled decode
 step, `ours_compiled` the one compiled before capture (its warm-up's stats hold the compile seconds; q/k/v and gate/up
-fused as on CUDA by default, `ours_compiled_unfused` without that); `ours_hapo`
+fused as on CUDA by default, `ours_compiled_unfused` without that, `ours_compiled_autotune` with inductor's
+GEMM autotuning, `max-autotune-no-cudagraphs`); `ours_hapo`
 and `ours_apo` the compiled step with HAPO's adaptive temperature and with APO's extrapolated logits.
 """
 
@@ -122,7 +123,7 @@ def hf_continuous(model, prompts, lengths, new_tokens) -> int:
     return sum(len(r.generated_tokens) for r in results.values())
 
 
-def ours(model, prompts, lengths, new_tokens, compiled: bool = False, sampler: str = "plain",
+def ours(model, prompts, lengths, new_tokens, compiled: bool | str = False, sampler: str = "plain",
          fuse: bool | None = None) -> tuple[int, dict]:
     """`sampler`: plain T = 1; `hapo`: HAPO's adaptive temperature (tau 0.3, fixed made-up statistics, inside the
     step); `apo`: APO's extrapolated logits (alpha 0.5) against a second random-init model of the same shape
@@ -133,6 +134,10 @@ def ours(model, prompts, lengths, new_tokens, compiled: bool = False, sampler: s
 
     adaptive = AdaptiveSampling(0.3, "paper", EntropyStats(1.0, 0.5, 2.0, -2.0)) if sampler == "hapo" else None
     extrapolation = (partner_model(model), 0.5) if sampler == "apo" else None
+    if compiled == "max-autotune":  # the decode step's GEMMs autotuned; no CUDA graphs of inductor's own
+        from align_cli.fast_generation import Compile
+
+        compiled = Compile(mode="max-autotune-no-cudagraphs")
     out = fast_generate(model, prompts, GROUP, new_tokens, Sampling(1.0, 1.0, 0, adaptive), {EOS}, lengths=lengths,
                         compile_step=compiled, extrapolation=extrapolation, fuse=fuse)
     return sum(len(t) for t in out.tokens), out.stats
@@ -213,6 +218,8 @@ def run_case(model, method, sequences, new_tokens, spread, warmup, repeats: int 
         "ours_compiled": lambda: ours(model, prompts, lengths, new_tokens, compiled=True),
         # the same without fusing q/k/v and gate/up into one GEMM each (align_cli/fused_projections.py)
         "ours_compiled_unfused": lambda: ours(model, prompts, lengths, new_tokens, compiled=True, fuse=False),
+        # inductor's GEMM autotuning (Triton templates with fused epilogues where they win; minutes to compile)
+        "ours_compiled_autotune": lambda: ours(model, prompts, lengths, new_tokens, compiled="max-autotune"),
         # the two samplers with a fast-path equivalent of a logits processor, compiled
         "ours_hapo": lambda: ours(model, prompts, lengths, new_tokens, compiled=True, sampler="hapo"),
         "ours_apo": lambda: ours(model, prompts, lengths, new_tokens, compiled=True, sampler="apo"),
@@ -300,8 +307,8 @@ def main() -> None:
     parser.add_argument("--grpo-repeats", type=int, default=1, help="GRPO steps timed (median per phase reported)")
     parser.add_argument("--check", action="store_true", help="greedy agreement of ours with generate first")
     parser.add_argument("--warmup", nargs="*",
-                        default=["static_compile", "hf_cb", "ours", "ours_compiled", "ours_compiled_unfused", "ours_hapo",
-                                 "ours_apo"])
+                        default=["static_compile", "hf_cb", "ours", "ours_compiled", "ours_compiled_unfused",
+                                 "ours_compiled_autotune", "ours_hapo", "ours_apo"])
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (tokens_per_s: their median)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip cases once this much time has passed")
     parser.add_argument("--profile", nargs="*", default=[], help="methods whose cases get one profiled run more")
