@@ -37,13 +37,13 @@ def _run_in_chunks(forward, chunk_tokens: int, hidden: torch.Tensor) -> torch.Te
     return torch.cat(parts).view(*hidden.shape[:-1], -1)
 
 
-def _chunked_forward(mlp, hidden: torch.Tensor) -> torch.Tensor:
+def _chunked_forward(mlp, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Bound to each changed MLP as its `forward` (a bound method, so a deep copy of the model binds it to the
-    copy); the class's own forward does the work."""
+    copy); the class's own forward does the work. An MLP called with more than the hidden states runs whole."""
     chunk_tokens = mlp.align_mlp_chunk_tokens
-    if torch.is_grad_enabled() and hidden.shape[:-1].numel() > chunk_tokens:
+    if not args and not kwargs and torch.is_grad_enabled() and hidden.shape[:-1].numel() > chunk_tokens:
         return _run_in_chunks(functools.partial(type(mlp).forward, mlp), chunk_tokens, hidden)
-    return type(mlp).forward(mlp, hidden)
+    return type(mlp).forward(mlp, hidden, *args, **kwargs)
 
 
 def chunk_mlps(model, chunk_tokens: int | None) -> int:
