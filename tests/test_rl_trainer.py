@@ -355,3 +355,29 @@ def test_two_ddp_processes_train_online(rl_recipe, tmp_path):
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["prompts_seen"] == 2 * 2 * 2  # 2 steps x 2 prompts x 2 processes
+
+
+def test_online_run_with_chunked_mlps_scores_as_the_run_without(rl_recipe, tmp_path, monkeypatch, capsys):
+    """`training.mlp_chunk_tokens` in the online loop: its update's forward runs the MLPs in chunks (rollouts and
+    scores run them whole), and the first step's loss and gradient norm equal the run without, to float rounding."""
+    from align_cli import chunked_mlp
+
+    calls = []
+    original = chunked_mlp._run_in_chunks
+    monkeypatch.setattr(chunked_mlp, "_run_in_chunks", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.chdir(tmp_path)
+    firsts = {}
+    for chunk in (None, 64):
+        path = rl_recipe()
+        out = tmp_path / f"run-{chunk}"
+        code, _, err = align(monkeypatch, capsys, "train", str(path), "--set", f"output.dir={out}", "--set",
+                             "training.max_steps=1", "--set", f"training.mlp_chunk_tokens={chunk or 'null'}",
+                             "--set", "output.save_final_model=false", "--set", "evaluation.task=null")
+        assert code == 0, err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["memory"] == {"mlp_chunk_tokens": chunk, "chunked_mlps": 2 if chunk else 0}
+        firsts[chunk] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                         if json.loads(line)["split"] == "train"][0]
+        assert bool(calls) == bool(chunk)
+    assert firsts[64]["loss"] == pytest.approx(firsts[None]["loss"], abs=1e-5)
+    assert firsts[64]["grad_norm"] == pytest.approx(firsts[None]["grad_norm"], rel=1e-4)
