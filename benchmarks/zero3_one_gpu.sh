@@ -4,7 +4,8 @@
 # --num_processes 1` with recipes/accelerate/zero3.yaml on the tiny model, 4 steps straight beside 2 steps then
 # --resume to 4 (checkpoints at 2 and 4), a ZeRO-3 LoRA run, and the full-weight baselines for the ZeRO loss gap on
 # one plain process: bf16 weights (`model.dtype=bfloat16`: what DeepSpeed's bf16 mode trains) and fp32 weights
-# under autocast (the default). `benchmarks/distributed.py check` compares the straight and resumed runs.
+# under autocast (the default); and a ZeRO-3 run with training.compile: true (its summary's `compile` says whether
+# the layers compiled or fell back). `benchmarks/distributed.py check` compares the straight and resumed runs.
 # Expects .whl-zero/ (deepspeed 0.19.8 built with DS_BUILD_OPS=0, hjson, msgpack, ninja, py-cpuinfo).
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=4
@@ -38,6 +39,8 @@ run zero3-straight $ZERO3 --main_process_port 29621 $TRAIN --output-dir $W/zero3
 run zero3-lora $ZERO3 --main_process_port 29624 $TRAIN --output-dir $W/zero3/lora --set peft.enabled=true \
   --set peft.r=8 --set reference.precompute=true --set reference.cache_dir=$W/zero3/cache &
 run single-full-bf16-weights python3 $TRAIN --output-dir $W/zero3/bf16 --set model.dtype=bfloat16 &
+# training.compile: true under ZeRO-3 (auto does not compile there): the layers compile or fall back (issue 18)
+run zero3-compile $ZERO3 --main_process_port 29625 $TRAIN --output-dir $W/zero3/compile --set training.compile=true &
 run single-full-autocast python3 $TRAIN --output-dir $W/zero3/autocast &
 wait
 python3 "$REPO/benchmarks/distributed.py" check --out $W --name zero3 --straight $W/zero3/straight \
@@ -47,12 +50,14 @@ python3 - "$W/zero3" <<'PY' 2>&1 | tee -a "$OUT/log.txt"
 import json, sys
 from pathlib import Path
 root = Path(sys.argv[1])
-for name in ("straight", "resumed", "lora", "bf16", "autocast"):
+for name in ("straight", "resumed", "lora", "bf16", "autocast", "compile"):
     path = root / name / "metrics.jsonl"
     rows = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
     print(name, [(r["step"], round(r["loss"], 6)) for r in rows if r["split"] == "train"])
+summary = root / "compile" / "summary.json"
+print("compile under ZeRO-3:", json.loads(summary.read_text()).get("compile") if summary.exists() else "no summary")
 PY
-for name in straight resumed lora bf16 autocast; do
+for name in straight resumed lora bf16 autocast compile; do
   mkdir -p "$OUT/$name"; cp $W/zero3/$name/metrics.jsonl $W/zero3/$name/summary.json "$OUT/$name/" 2>/dev/null
 done
 log "done"
