@@ -495,6 +495,11 @@ class LoggingConfig(Section):
     every: int = Field(1, ge=1, description="Log metrics every N steps.")
     tensorboard: bool = Field(True, description="Write TensorBoard event files under `tensorboard/`.")
     progress: bool = Field(True, description="Show a progress bar.")
+    profile_step: Optional[int] = Field(
+        None, ge=1, description="Profile this optimiser step (1-based, as metrics.jsonl numbers them) with "
+                                "torch.profiler: each process writes a summary (wall time, kernel time, time in "
+                                "communication / matmuls / attention / the rest, the top kernels) to "
+                                "profile/step-<K>-rank<R>.json (align_cli/profiling.py). null: off.")
 
 
 class CheckpointConfig(Section):

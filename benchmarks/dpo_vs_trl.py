@@ -63,7 +63,8 @@ import traceback
 import zlib
 
 import torch
-from profiling import StepProfiler
+
+from align_cli.profiling import StepProfiler
 
 PEAK_FLOPS = 989e12
 PAD, EOS, UNK = 0, 1, 2
@@ -461,7 +462,7 @@ def summarise(name: str, result: dict, schedule, warmup: int, unique: int, flops
         "step_seconds": result["times"],
         "parameters": result["parameters"],
     }
-    if result.get("profile"):  # --profile-step: that step's kernels (benchmarks/profiling.py)
+    if result.get("profile"):  # --profile-step: that step's kernels (align_cli/profiling.py)
         summary["profile"] = result["profile"]
     if result.get("run_tokens"):  # the same windows, counting the tokens ours ran (each prompt once)
         summary["run_tokens_per_second"] = statistics.median(window_rates(result["run_tokens"]))

@@ -30,7 +30,8 @@ import sys
 import time
 
 import torch
-from profiling import kernel_summary
+
+from align_cli.profiling import kernel_summary
 
 SHAPES = {
     # Qwen2.5-0.5B / 1.5B (config.json of the hub models), random init
@@ -193,7 +194,7 @@ def timed(fn):
 
 def kernel_profile(call) -> dict:
     """One more run of `call` under torch.profiler (CUDA activity only), summarised per decode step
-    (benchmarks/profiling.py)."""
+    (align_cli/profiling.py)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()

@@ -40,7 +40,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_recipe,
     recipe = tiny_recipe(training__batch_size=2, training__max_steps=3, training__precision="fp32",
                          training__lr_scheduler="cosine", training__warmup_steps=1,
                          evaluation__task=None, logging__tensorboard=False, checkpointing__every=2,
-                         reference__precompute=True, reference__cache_dir=str(cache))
+                         reference__precompute=True, reference__cache_dir=str(cache), logging__profile_step=2)
     two, one = tmp_path / "two", tmp_path / "one"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -73,6 +73,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_recipe,
     assert len(two_records) == len(one_records) == 3
     assert [r["learning_rate"] for r in two_records] == pytest.approx([r["learning_rate"] for r in one_records])
     assert [r["loss"] for r in two_records] == pytest.approx([r["loss"] for r in one_records], rel=1e-5, abs=1e-6)
+    # logging.profile_step: every process profiled step 2; only the two processes spent time in collectives.
+    profiles = [json.loads((run / "profile" / f"step-2-rank{rank}.json").read_text())
+                for run, rank in ((two, 0), (two, 1), (one, 0))]
+    assert all(p["measured"] == "cpu operators' own time" and p["groups_s"]["matmul"] > 0 for p in profiles)
+    assert all(p["groups_s"].get("communication", 0) > 0 for p in profiles[:2]), [p["groups_s"] for p in profiles]
+    assert profiles[2]["groups_s"].get("communication", 0) == 0, profiles[2]["top"]
     expected = load_file(one / "final_model" / "model.safetensors")
     actual = load_file(two / "final_model" / "model.safetensors")
     assert expected.keys() == actual.keys()

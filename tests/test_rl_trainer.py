@@ -381,3 +381,15 @@ def test_online_run_with_chunked_mlps_scores_as_the_run_without(rl_recipe, tmp_p
         assert bool(calls) == bool(chunk)
     assert firsts[64]["loss"] == pytest.approx(firsts[None]["loss"], abs=1e-5)
     assert firsts[64]["grad_norm"] == pytest.approx(firsts[None]["grad_norm"], rel=1e-4)
+
+
+def test_online_run_profiles_the_chosen_step(rl_recipe, tmp_path, monkeypatch, capsys):
+    """`logging.profile_step: 2` in the online loop: step 2 (rollouts, scores, update) is summarised."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = align(monkeypatch, capsys, "train", str(rl_recipe()), "--set", "logging.profile_step=2",
+                         "--set", "output.save_final_model=false", "--set", "evaluation.task=null")
+    assert code == 0, err
+    profiles = list((tmp_path / "run" / "profile").iterdir())
+    assert [p.name for p in profiles] == ["step-2-rank0.json"]
+    summary = json.loads(profiles[0].read_text())
+    assert summary["groups_s"]["matmul"] > 0 and summary["wall_s"] > 0

@@ -35,6 +35,7 @@ from ..lifecycle import (
 from ..measurements import task_accuracy
 from ..methods import METHODS
 from ..optimizer_in_backward import STEP_OUTCOME, refuse_engines
+from ..profiling import RunStepProfile
 from ..run_dir import holds_run_directory
 from ..run_log import MetricsLog, progress_bar
 from ..run_setup import RunInputs, prepare_run
@@ -164,6 +165,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
     stop.install()
     train_reference = _reference_for(reference, "train")
     offload = ActivationOffload(model) if training.offload_activations else None
+    profiler = RunStepProfile(run.run_dir, recipe.logging.profile_step, accelerator.process_index)
     model.train()
     started = time.time()
     last_metrics: dict = {}
@@ -173,6 +175,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
                                      loss=float("nan"), accuracy=float("nan"), tokens_per_second=0.0)
             while state["step"] < steps:
                 step_started = time.time()
+                profiler.begin(state["step"] + 1)
                 step_tokens, step_metrics, step_norm = 0, [], None
                 for _ in range(training.gradient_accumulation_steps):
                     rows = order.batch(state["micro_batch"])
@@ -198,6 +201,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
                     step_tokens += int(batch.sequences.attention_mask.sum())
                     step_metrics.append({"loss": float(loss.detach()), **metrics})
                 state["step"] += 1
+                profiler.end(state["step"])
                 step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
                 state["tokens"] += step_tokens
                 elapsed = time.time() - step_started

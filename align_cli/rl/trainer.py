@@ -42,6 +42,7 @@ from ..losses.hapo import EntropyStats, entropy_signal
 from ..losses.rl import AGGREGATIONS
 from ..measurements import task_accuracy
 from ..models import apply_lora, freeze, load_causal_lm, resolve_dtype, resolve_model_location, unwrap
+from ..profiling import RunStepProfile
 from ..run_dir import begin_writing, holds_run_directory
 from ..run_log import MetricsLog, progress_bar
 from ..run_setup import RunInputs, load_task_rows, prepare_for_backward, start_run
@@ -296,6 +297,7 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
     log = MetricsLog(run.run_dir, recipe.logging.tensorboard, accelerator.is_main_process)
     stop = StopFlag()
     stop.install()
+    profiler = RunStepProfile(run.run_dir, recipe.logging.profile_step, accelerator.process_index)
     model.train()
     started, last_metrics = time.time(), {}
     try:
@@ -305,6 +307,7 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
             while state["step"] < steps:
                 step_started = time.time()
                 state["step"] += 1
+                profiler.begin(state["step"])
                 processor = None
                 if rl.hapo.adaptive_temperature:  # step 1 (no statistics yet): factor 1, records temperatures
                     stats = EntropyStats(**state["entropy_stats"]) if state["entropy_stats"] is not None else None
@@ -327,6 +330,7 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
                     fused=training.fused_logprobs, seed=_seed(training.seed, state["step"], 7),
                     guard=guard, step=state["step"])
                 metrics.update({k: sum(u[k] for u in updates) / len(updates) for k in updates[-1]})
+                profiler.end(state["step"])
                 elapsed = time.time() - step_started
                 tokens = int(rollouts.lengths.sum())
                 state["tokens"] += tokens

@@ -1,0 +1,114 @@
+"""`logging.profile_step`: one optimiser step under torch.profiler, summarised per process into
+`profile/step-<K>-rank<R>.json`; and the kernel summary the GPU benchmarks share (benchmarks/profiling.py).
+
+Why a summary and not the trace: a step's Chrome trace is tens to hundreds of MB per process, and the questions
+a user asks of it are few: how long the step took, how much of it the GPU was busy, and on what. Kernels are
+put in four groups by name: communication (NCCL or gloo collectives: the time several processes pay for
+their gradients), matrix products (cuBLAS / CUTLASS / nvjet GEMMs, or aten's mm on CPU), attention (flash,
+cuDNN, FlexAttention or SDPA kernels) and the rest. On a CPU run the same is said of the CPU operators' own
+time, since there are no kernels. A process's communication share against its compute share is what tells a
+several-GPU run's scaling gap from a slow kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+GROUPS = (  # first match wins; names are lower-cased
+    ("communication", re.compile(r"nccl|gloo|c10d|allreduce|all_reduce|allgather|all_gather|reduce_scatter|broadcast")),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|flex")),
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|bmm|baddbmm|matmul|linear)\b")),
+)
+
+
+def group_of(name: str) -> str:
+    lowered = name.lower()
+    return next((group for group, pattern in GROUPS if pattern.search(lowered)), "other")
+
+
+def _device_us(event) -> float:
+    value = getattr(event, "device_time_total", None)
+    return getattr(event, "cuda_time_total", 0.0) if value is None else value
+
+
+def kernel_summary(prof, wall_s: float, steps: int = 1, top: int = 30, on_cpu: bool | None = None) -> dict:
+    """A finished torch.profiler run over `steps` steps that took `wall_s` seconds: kernels launched (per step),
+    their time against the wall time, the time per group (`GROUPS`) and the `top` kernels by time. `on_cpu`
+    (default: no CUDA event was recorded): summarise the CPU operators' own time instead."""
+    events = list(prof.key_averages())
+    if on_cpu is None:
+        on_cpu = not any(_device_us(e) > 0 for e in events)
+    rows = []
+    for event in events:
+        us = event.self_cpu_time_total if on_cpu else _device_us(event)
+        if us > 0 and event.count > 0 and not (on_cpu and event.key.startswith("ProfilerStep")):
+            rows.append((event.key, event.count, us))
+    rows.sort(key=lambda row: -row[2])
+    busy_us = sum(us for _, _, us in rows)
+    groups: dict[str, float] = {}
+    for name, _, us in rows:
+        groups[group_of(name)] = groups.get(group_of(name), 0.0) + us
+    steps = max(1, steps)
+    return {"measured": "cpu operators' own time" if on_cpu else "cuda kernels",
+            "wall_s": round(wall_s, 3), "kernel_s": round(busy_us / 1e6, 3),
+            "gpu_busy": round(busy_us / 1e6 / wall_s, 3) if wall_s > 0 and not on_cpu else None,
+            "kernels": sum(count for _, count, _ in rows),
+            "kernels_per_step": round(sum(count for _, count, _ in rows) / steps, 1),
+            "mean_kernel_us": round(busy_us / max(1, sum(count for _, count, _ in rows)), 2), "steps": steps,
+            "groups_s": {group: round(us / 1e6, 4) for group, us in sorted(groups.items(), key=lambda g: -g[1])},
+            "top": [{"name": name[:90], "group": group_of(name), "count": count, "us": round(us, 1),
+                     "us_each": round(us / count, 2)} for name, count, us in rows[:top]]}
+
+
+class StepProfiler:
+    """Profiles step `index` of a loop when `index` is not None: `begin(k)` before and `end(k)` after each step k
+    (numbered as the loop numbers them); then `summary` is `kernel_summary` of that step (None until it ran).
+    CUDA kernels where CUDA is available, else the CPU operators."""
+
+    def __init__(self, index: int | None):
+        self.index, self.summary, self._prof, self._started = index, None, None, 0.0
+
+    def begin(self, step: int) -> None:
+        if self.index is None or step != self.index:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+        self._prof = profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU])
+        self._prof.__enter__()
+        self._started = time.perf_counter()
+
+    def end(self, step: int) -> dict | None:
+        if self._prof is None or step != self.index:
+            return None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self._started
+        self._prof.__exit__(None, None, None)
+        self.summary, self._prof = kernel_summary(self._prof, wall), None
+        return self.summary
+
+
+class RunStepProfile(StepProfiler):
+    """`logging.profile_step` of a training run: the summary of that optimiser step (1-based, as metrics.jsonl
+    numbers steps) written by every process to `<run>/profile/step-<K>-rank<R>.json`."""
+
+    def __init__(self, run_dir: Path, step: int | None, rank: int):
+        super().__init__(step)
+        self.path = Path(run_dir) / "profile" / f"step-{step}-rank{rank}.json"
+
+    def end(self, step: int) -> dict | None:
+        summary = super().end(step)
+        if summary is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            staging = self.path.with_suffix(".json.tmp")
+            staging.write_text(json.dumps(summary, indent=1))
+            staging.replace(self.path)  # whole or absent
+        return summary
