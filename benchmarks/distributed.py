@@ -1,8 +1,9 @@
 """Multi-GPU evidence: one recipe under 1 GPU, DDP, FSDP2, ZeRO-2, ZeRO-3 and two "nodes" (run_distributed.sh).
 
 `prepare` writes, from a tokenizer directory, everything the runs read: a random-init model of
-Qwen2.5-0.5B's shape (SmolLM2's 49k vocabulary, ~0.4B parameters), a tiny model of the same family,
-synthetic preference pairs, and the recipes. `report` reads the runs' metrics.jsonl / summary.json
+Qwen2.5-0.5B's shape (SmolLM2's 49k vocabulary, ~0.4B parameters; `--shape 1.5b`: Qwen2.5-1.5B's), a tiny model
+of the same family, synthetic preference pairs, and the recipes (the pairwise benchmark profiles its step 4 on
+every process; an online GRPO recipe for the DDP run). `report` reads the runs' metrics.jsonl / summary.json
 and writes results.json and the loss-curve plot.
 
 The pairs: the prompt lists pseudo-words; the chosen answer repeats them in order, the rejected
@@ -21,6 +22,11 @@ SYLLABLES = ["ka", "to", "ri", "mu", "sen", "lo", "vi", "dra", "pe", "qua", "zi"
 BIG = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
            num_key_value_heads=2)  # Qwen2.5-0.5B's shape
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+# Qwen2.5-1.5B's shape (~1.5B parameters with the 49k vocabulary): compute per GPU outweighs the gradient traffic
+SHAPES = {"0.4b": BIG, "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                    num_attention_heads=12, num_key_value_heads=2), "tiny": TINY}
+ONLINE_BASELINE = "grpo-1gpu"  # the online recipe's one-GPU run, which the DDP one is compared with
+PROFILE_STEP = 4  # `logging.profile_step` of the benchmark runs: the report's `skip`, so it is out of the timing
 
 
 def pseudo_words(count: int, seed: int) -> list[str]:
@@ -56,7 +62,7 @@ def save_model(directory: Path, tokenizer_dir: Path, shape: dict, seed: int) -> 
     tokenizer.save_pretrained(directory)
 
 
-def recipe(model: Path, data: Path, **training) -> dict:
+def recipe(model: Path, data: Path, profile_step: int | None = None, **training) -> dict:
     return {
         "model": {"name": str(model), "dtype": "float32"},
         "data": {"train": {"source": str(data)}, "eval_fraction": 0.03, "max_eval_rows": 32, "max_length": 384,
@@ -64,9 +70,29 @@ def recipe(model: Path, data: Path, **training) -> dict:
         "method": {"name": "dpo", "losses": [{"name": "dpo", "beta": 0.1}]},
         "training": {"learning_rate": 1e-5, "lr_scheduler": "constant_with_warmup", "warmup_steps": 2, "seed": 1,
                      "precision": "bf16", "max_grad_norm": 1.0, **training},
+        "logging": {"progress": False, "tensorboard": False, "profile_step": profile_step},
+        "checkpointing": {"every": None, "keep_last": 1},
+        "evaluation": {"task": None},
+    }
+
+
+def online_recipe(model: Path, steps: int, prompts_per_step: int = 8) -> dict:
+    """GRPO on the shipped arithmetic prompts (grpo.yaml's loss and G = 8, 64 new tokens at T = 1), rewarded
+    1 for a completion with a digit in it, which a random-init model sometimes writes: groups have rewards to
+    normalise, so the update has a gradient for DDP to average."""
+    return {
+        "model": {"name": str(model), "dtype": "float32"},
+        "data": {"train": {"source": "builtin:arithmetic_prompts", "split": "train"}, "max_length": 192,
+                 "max_prompt_length": 96},
+        "method": {"name": "grpo", "losses": [{"name": "grpo", "eps_low": 0.2, "eps_high": 0.2, "kl_beta": 0.0}],
+                   "rl": {"num_generations": 8, "prompts_per_step": prompts_per_step, "max_new_tokens": 64,
+                          "temperature": 1.0, "rewards": [{"name": "format", "pattern": "(?s).*[0-9].*"}]}},
+        "training": {"learning_rate": 1e-6, "lr_scheduler": "constant", "warmup_ratio": 0.0, "batch_size": 16,
+                     "max_steps": steps, "seed": 1, "precision": "bf16", "max_grad_norm": 1.0},
         "logging": {"progress": False, "tensorboard": False},
         "checkpointing": {"every": None, "keep_last": 1},
         "evaluation": {"task": None},
+        "output": {"save_final_model": False},
     }
 
 
@@ -78,7 +104,10 @@ def prepare(out: Path, tokenizer_dir: Path, steps: int, global_batch: int, shape
     data.write_text("".join(json.dumps(r) + "\n" for r in pairs(int(steps * global_batch * 1.1) + 40, 48)))
     save_model(out / "model", tokenizer_dir, shape, seed=0)
     save_model(out / "tiny", tokenizer_dir, TINY, seed=0)
-    (out / "bench.yaml").write_text(yaml.safe_dump(recipe(out / "model", data, max_steps=steps)))
+    (out / "bench.yaml").write_text(yaml.safe_dump(recipe(out / "model", data, max_steps=steps,
+                                                          profile_step=PROFILE_STEP if steps > PROFILE_STEP else None)))
+    # The online loop under DDP: 6 steps of 8 prompts x 8 samples per process (1 GPU: --set 16 prompts)
+    (out / "grpo.yaml").write_text(yaml.safe_dump(online_recipe(out / "model", steps=6)))
     # Resume and LoRA checks: 4 steps, checkpoints at 2 and 4; constant LR so a 2-step run resumed to 4
     # follows the same schedule as a straight 4-step run.
     tiny = recipe(out / "tiny", data, max_steps=4, batch_size=4, learning_rate=1e-4, lr_scheduler="constant",
@@ -126,20 +155,29 @@ def report(out: Path, runs: list[str], baseline: str, skip: int, checks: list[st
             "completed": summary_path.exists(),
             "steps": len(records),
             "losses": [round(r["loss"], 5) for r in records],
-            "train_tokens": summary.get("train_tokens"),
-            "steady_tokens_per_second": steady_throughput(records, summary.get("train_tokens"), skip),
+            "train_tokens": summary.get("train_tokens", summary.get("completion_tokens")),  # online: generated
+            "steady_tokens_per_second": steady_throughput(records, summary.get("train_tokens",
+                                                                               summary.get("completion_tokens")), skip),
             "eval_loss_before": (summary.get("before") or {}).get("loss"),
             "eval_loss_after": (summary.get("after") or {}).get("loss"),
             "final_model": (run_dir / "final_model" / "config.json").exists(),
             "checkpoints": sorted(p.name for p in checkpoints.glob("step-*")) if checkpoints.exists() else [],
+            "profile": step_profiles(run_dir),
+            "median_step_seconds": _median([r["step_seconds"] for r in records if "step_seconds" in r][1:]),
+            "median_generation_seconds": _median([r["generation_seconds"] for r in records
+                                                  if "generation_seconds" in r][1:]),
         }
-    base = curves.get(baseline, {})
-    base_speed = results["runs"].get(baseline, {}).get("steady_tokens_per_second")
     for name, entry in results["runs"].items():
+        reference = ONLINE_BASELINE if name.startswith("grpo") else baseline  # the online runs: against theirs
+        base = curves.get(reference, {})
+        base_speed = results["runs"].get(reference, {}).get("steady_tokens_per_second")
         shared = sorted(set(curves[name]) & set(base))
+        entry["baseline"] = reference
         entry["max_abs_loss_diff_vs_baseline"] = max((abs(curves[name][s] - base[s]) for s in shared), default=None)
         speed = entry["steady_tokens_per_second"]
         entry["speedup_vs_baseline"] = speed / base_speed if speed and base_speed else None
+    base = curves.get(baseline, {})
+    curves = {name: curve for name, curve in curves.items() if not name.startswith("grpo")}  # another loss
     for name in checks:
         path = out / "checks" / f"{name}.json"
         results["checks"][name] = json.loads(path.read_text()) if path.exists() else {"completed": False}
@@ -165,6 +203,26 @@ def report(out: Path, runs: list[str], baseline: str, skip: int, checks: list[st
     figure.savefig(out / "distributed_loss_curves.png", dpi=120)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def step_profiles(run_dir: Path) -> dict:
+    """Per process, the profiled step's wall time and where it went (align_cli/profiling.py's groups), with the
+    share of the wall time spent in collectives: what tells a scaling gap's cause."""
+    profiles = {}
+    for path in sorted((run_dir / "profile").glob("step-*-rank*.json")):
+        summary = json.loads(path.read_text())
+        wall, groups = summary["wall_s"], summary["groups_s"]
+        profiles[path.stem.split("-")[-1]] = {
+            "step": int(path.stem.split("-")[1]), "wall_s": wall, "measured": summary["measured"], "groups_s": groups,
+            "communication_share": round(groups.get("communication", 0.0) / wall, 3) if wall else None,
+            "top": summary["top"][:8]}
+    return profiles
+
+
+def _median(values: list[float]) -> float | None:
+    import statistics
+
+    return statistics.median(values) if values else None
 
 
 def check(out: Path, name: str, straight: Path, resumed: Path | None, lora: Path | None) -> None:
@@ -226,7 +284,8 @@ def main() -> None:
     p.add_argument("--tokenizer", type=Path, required=True)
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--global-batch", type=int, default=32)
-    p.add_argument("--tiny", action="store_true", help="The benchmark model in the tiny shape too (CPU smoke runs).")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="0.4b", help="the benchmark model's shape")
+    p.add_argument("--tiny", action="store_true", help="--shape tiny (CPU smoke runs)")
     r = commands.add_parser("report")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--runs", nargs="+", required=True)
@@ -241,7 +300,7 @@ def main() -> None:
     c.add_argument("--lora", type=Path)
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.out, args.tokenizer, args.steps, args.global_batch, TINY if args.tiny else BIG)
+        prepare(args.out, args.tokenizer, args.steps, args.global_batch, SHAPES["tiny" if args.tiny else args.shape])
     elif args.command == "check":
         check(args.out, args.name, args.straight, args.resumed, args.lora)
     else:

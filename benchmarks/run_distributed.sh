@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device run on 2 GPUs (nvidia-h200-x2): the same recipe and global batch under 1 GPU, DDP, FSDP2,
-# ZeRO-2, ZeRO-3 and two "nodes" on one host; then resume and LoRA checks of each engine on a tiny
-# model (run side by side, they measure nothing). Results go to $OUT: log.txt, results.json, the plot,
+# ZeRO-2, ZeRO-3 and two "nodes" on one host (each profiles its step 4 per process: compute against
+# communication), the online GRPO recipe on 1 GPU and under DDP; then resume and LoRA checks of each engine on a
+# tiny model (run side by side, they measure nothing). SHAPE=1.5b for the 1.5B model (a call of its own).
+# Results go to $OUT: log.txt, results.json, the plot,
 # bundle.tar.gz (metrics, summaries, logs).
 # Expects .whl-dist/ (deepspeed, hjson, datasets + needs, pydantic, transformers, the align wheel) and
 # .dist-assets/tokenizer/ (SmolLM2's tokenizer files); benchmarks/RESULTS.md says how they were made.
@@ -14,13 +16,15 @@ OUT=${OUT:-$REPO/distributed-out}
 W=${W:-/tmp/dist}
 STEPS=${STEPS:-20}
 ENGINES=${ENGINES:-ddp fsdp2 zero2 zero3}
+SHAPE=${SHAPE:-0.4b}               # the benchmark model: 0.4b or 1.5b (one call each: both do not fit 10 minutes)
+GRPO=${GRPO:-1}                    # 1: also the online GRPO recipe on 1 GPU and under DDP
 GLOBAL_BATCH=${GLOBAL_BATCH:-32}   # pairs per optimiser step; 2-process runs take half each
 HALF=$((GLOBAL_BATCH / 2))
 EXTRA=${EXTRA:-}                   # more --set overrides for every run (CPU smoke tests)
 mkdir -p "$OUT" $W/logs $W/runs $W/checks
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
 bundle() {  # what exists so far, so a command stopped at its limit still returns it
-  (cd $W && tar czf "$OUT/bundle.tar.gz" logs runs/*/metrics.jsonl runs/*/summary.json checks/*.json \
+  (cd $W && tar czf "$OUT/bundle.tar.gz" logs runs/*/metrics.jsonl runs/*/summary.json runs/*/profile checks/*.json \
     checks/*/metrics.jsonl checks/*/summary.json 2>/dev/null)
 }
 if [ -z "$SKIP_INSTALL" ]; then
@@ -30,8 +34,9 @@ if [ -z "$SKIP_INSTALL" ]; then
 fi
 cd /tmp || exit 1   # the installed wheel runs, not the checkout's align_cli/
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv | tee -a "$OUT/log.txt"
+nvidia-smi topo -m 2>&1 | tee -a "$OUT/log.txt"   # the interconnect: NV# (NVLink), PIX/PXB/SYS (PCIe)
 python3 -c "import torch, transformers, accelerate, deepspeed, datasets, align_cli; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'deepspeed', deepspeed.__version__, 'datasets', datasets.__version__)" 2>&1 | tail -1 | tee -a "$OUT/log.txt"
-python3 "$REPO/benchmarks/distributed.py" prepare --out $W --tokenizer "$REPO/.dist-assets/tokenizer" --steps "$STEPS" --global-batch $GLOBAL_BATCH $PREPARE_ARGS \
+python3 "$REPO/benchmarks/distributed.py" prepare --out $W --tokenizer "$REPO/.dist-assets/tokenizer" --steps "$STEPS" --global-batch $GLOBAL_BATCH --shape "$SHAPE" $PREPARE_ARGS \
   >> $W/logs/prepare.log 2>&1 || { log "prepare failed"; tail -20 $W/logs/prepare.log >> "$OUT/log.txt"; }
 log "prepared"
 
@@ -65,6 +70,14 @@ two_nodes() { node 1 & local other=$!; node 0; local rc=$?; wait $other; return 
 export -f node two_nodes
 export LAUNCH CONFIGS B W HALF EXTRA
 bench 2node 120 bash -c two_nodes
+if [ "$GRPO" = 1 ]; then  # the online loop: 16 prompts x 8 on one GPU, 8 x 8 per process under DDP
+  G="$W/grpo.yaml"
+  bench grpo-1gpu 150 env CUDA_VISIBLE_DEVICES=0 $ALIGN train $G --output-dir $W/runs/grpo-1gpu \
+    --set method.rl.prompts_per_step=16 $EXTRA
+  bench grpo-ddp 150 $ALIGN train $G --output-dir $W/runs/grpo-ddp $EXTRA --accelerate-config $CONFIGS/ddp.yaml \
+    --num-processes 2
+  GRPO_RUNS="grpo-1gpu grpo-ddp"
+fi
 
 # What is left of the command's 10 minutes, less a minute for the report, bounds each check launch.
 LIMIT=$(( (${BUDGET:-540} - SECONDS) / 2 )); [ $LIMIT -gt 120 ] && LIMIT=120
@@ -90,7 +103,7 @@ for engine in $ENGINES; do
     --resumed $W/checks/$engine-resumed --lora $W/checks/$engine-lora >> $W/logs/check-report.log 2>&1
   log "check $engine: $(python3 -c "import json; r = json.load(open('$W/checks/$engine.json')); print(json.dumps({k: v for k, v in r.items() if 'losses' not in k}))" 2>&1 | tail -1)"
 done
-python3 "$REPO/benchmarks/distributed.py" report --out $W --runs 1gpu $ENGINES 2node --checks $ENGINES > $W/logs/report.log 2>&1 || tail -20 $W/logs/report.log >> "$OUT/log.txt"
+python3 "$REPO/benchmarks/distributed.py" report --out $W --runs 1gpu $ENGINES 2node $GRPO_RUNS --checks $ENGINES > $W/logs/report.log 2>&1 || tail -20 $W/logs/report.log >> "$OUT/log.txt"
 cp $W/results.json $W/distributed_loss_curves.png "$OUT/" 2>/dev/null
 bundle
 log "done"
