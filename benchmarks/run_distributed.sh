@@ -17,7 +17,8 @@ W=${W:-/tmp/dist}
 STEPS=${STEPS:-20}
 ENGINES=${ENGINES:-ddp fsdp2 zero2 zero3}
 SHAPE=${SHAPE:-0.4b}               # the benchmark model: 0.4b or 1.5b (one call each: both do not fit 10 minutes)
-GRPO=${GRPO:-1}                    # 1: also the online GRPO recipe on 1 GPU and under DDP
+GRPO=${GRPO:-1}                    # 1: also the online GRPO recipe on 1 GPU and under DDP (last, if time is left)
+GRPO_ONLY=${GRPO_ONLY:-}           # 1 (with ENGINES=""): only the online runs
 GLOBAL_BATCH=${GLOBAL_BATCH:-32}   # pairs per optimiser step; 2-process runs take half each
 HALF=$((GLOBAL_BATCH / 2))
 EXTRA=${EXTRA:-}                   # more --set overrides for every run (CPU smoke tests)
@@ -56,7 +57,7 @@ bench() {  # NAME LIMIT COMMAND...: one timed run with a GPU memory trace
   bundle
 }
 B="$W/bench.yaml"
-bench 1gpu 120 env CUDA_VISIBLE_DEVICES=0 $ALIGN train $B --output-dir $W/runs/1gpu --set training.batch_size=$GLOBAL_BATCH $EXTRA
+[ -z "$GRPO_ONLY" ] && bench 1gpu 120 env CUDA_VISIBLE_DEVICES=0 $ALIGN train $B --output-dir $W/runs/1gpu --set training.batch_size=$GLOBAL_BATCH $EXTRA
 for engine in $ENGINES; do
   bench $engine 120 $ALIGN train $B --output-dir $W/runs/$engine --set training.batch_size=$HALF $EXTRA \
     --accelerate-config $CONFIGS/$engine.yaml --num-processes 2
@@ -69,15 +70,7 @@ node() {  # one "node" of the two-node run: its own launcher and GPU
 two_nodes() { node 1 & local other=$!; node 0; local rc=$?; wait $other; return $(( rc | $? )); }
 export -f node two_nodes
 export LAUNCH CONFIGS B W HALF EXTRA
-bench 2node 120 bash -c two_nodes
-if [ "$GRPO" = 1 ]; then  # the online loop: 16 prompts x 8 on one GPU, 8 x 8 per process under DDP
-  G="$W/grpo.yaml"
-  bench grpo-1gpu 150 env CUDA_VISIBLE_DEVICES=0 $ALIGN train $G --output-dir $W/runs/grpo-1gpu \
-    --set method.rl.prompts_per_step=16 $EXTRA
-  bench grpo-ddp 150 $ALIGN train $G --output-dir $W/runs/grpo-ddp $EXTRA --accelerate-config $CONFIGS/ddp.yaml \
-    --num-processes 2
-  GRPO_RUNS="grpo-1gpu grpo-ddp"
-fi
+[ -z "$GRPO_ONLY" ] && bench 2node 120 bash -c two_nodes
 
 # What is left of the command's 10 minutes, less a minute for the report, bounds each check launch.
 LIMIT=$(( (${BUDGET:-540} - SECONDS) / 2 )); [ $LIMIT -gt 120 ] && LIMIT=120
@@ -103,6 +96,19 @@ for engine in $ENGINES; do
     --resumed $W/checks/$engine-resumed --lora $W/checks/$engine-lora >> $W/logs/check-report.log 2>&1
   log "check $engine: $(python3 -c "import json; r = json.load(open('$W/checks/$engine.json')); print(json.dumps({k: v for k, v in r.items() if 'losses' not in k}))" 2>&1 | tail -1)"
 done
+# The online loop last, in what is left of the budget (each run compiles its decode step first, ~35 s):
+# 16 prompts x 8 on one GPU, 8 x 8 per process under DDP.
+GLIMIT=$(( (${BUDGET:-540} - SECONDS - 30) / 2 )); [ $GLIMIT -gt 150 ] && GLIMIT=150
+if [ "$GRPO" = 1 ] && [ $GLIMIT -ge 60 ]; then
+  G="$W/grpo.yaml"
+  bench grpo-1gpu $GLIMIT env CUDA_VISIBLE_DEVICES=0 $ALIGN train $G --output-dir $W/runs/grpo-1gpu \
+    --set method.rl.prompts_per_step=16 $EXTRA
+  bench grpo-ddp $GLIMIT $ALIGN train $G --output-dir $W/runs/grpo-ddp $EXTRA --accelerate-config $CONFIGS/ddp.yaml \
+    --num-processes 2
+  GRPO_RUNS="grpo-1gpu grpo-ddp"
+elif [ "$GRPO" = 1 ]; then
+  log "online GRPO runs skipped: ${GLIMIT}s each left (GRPO_ONLY=1 ENGINES= runs them in a call of their own)"
+fi
 python3 "$REPO/benchmarks/distributed.py" report --out $W --runs 1gpu $ENGINES 2node $GRPO_RUNS --checks $ENGINES > $W/logs/report.log 2>&1 || tail -20 $W/logs/report.log >> "$OUT/log.txt"
 cp $W/results.json $W/distributed_loss_curves.png "$OUT/" 2>/dev/null
 bundle
