@@ -536,4 +536,8 @@ class Recipe(Section):
         if self.data.max_prompt_length >= self.data.max_length:
             raise ValueError(f"data.max_prompt_length ({self.data.max_prompt_length}) must be smaller than "
                              f"data.max_length ({self.data.max_length}) to leave room for the completion")
+        profiled, steps = self.logging.profile_step, self.training.max_steps
+        if profiled is not None and steps is not None and profiled > steps:
+            raise ValueError(f"logging.profile_step ({profiled}) is past training.max_steps ({steps}): nothing would "
+                             f"be profiled. Choose a step from 1 to {steps} (one after the first, which compiles)")
         return self

@@ -53,3 +53,12 @@ def test_no_step_chosen_profiles_nothing():
     profiler = StepProfiler(None)
     profiler.begin(1)
     assert profiler.end(1) is None and profiler.summary is None
+
+
+def test_a_profile_step_past_the_last_step_is_refused(tiny_recipe):
+    from align_cli.errors import UserError
+    from align_cli.recipe import load_recipe
+
+    with pytest.raises(UserError) as error:
+        load_recipe(str(tiny_recipe()), ["logging.profile_step=9"])  # the tiny recipe runs 4 steps
+    assert "logging.profile_step (9)" in str(error.value) and "training.max_steps (4)" in str(error.value)
