@@ -1,5 +1,6 @@
 """`logging.profile_step`: one optimiser step under torch.profiler, summarised per process into
-`profile/step-<K>-rank<R>.json`; and the kernel summary the GPU benchmarks share (benchmarks/profiling.py).
+`profile/step-<K>-rank<R>.json`; and the kernel summary the GPU benchmarks share (benchmarks/rollouts.py,
+benchmarks/dpo_vs_trl.py --profile-step).
 
 Why a summary and not the trace: a step's Chrome trace is tens to hundreds of MB per process, and the questions
 a user asks of it are few: how long the step took, how much of it the GPU was busy, and on what. Kernels are
@@ -50,16 +51,17 @@ def kernel_summary(prof, wall_s: float, steps: int = 1, top: int = 30, on_cpu: b
             rows.append((event.key, event.count, us))
     rows.sort(key=lambda row: -row[2])
     busy_us = sum(us for _, _, us in rows)
+    launches = sum(count for _, count, _ in rows)
     groups: dict[str, float] = {}
     for name, _, us in rows:
-        groups[group_of(name)] = groups.get(group_of(name), 0.0) + us
+        group = group_of(name)
+        groups[group] = groups.get(group, 0.0) + us
     steps = max(1, steps)
     return {"measured": "cpu operators' own time" if on_cpu else "cuda kernels",
             "wall_s": round(wall_s, 3), "kernel_s": round(busy_us / 1e6, 3),
             "gpu_busy": round(busy_us / 1e6 / wall_s, 3) if wall_s > 0 and not on_cpu else None,
-            "kernels": sum(count for _, count, _ in rows),
-            "kernels_per_step": round(sum(count for _, count, _ in rows) / steps, 1),
-            "mean_kernel_us": round(busy_us / max(1, sum(count for _, count, _ in rows)), 2), "steps": steps,
+            "kernels": launches, "kernels_per_step": round(launches / steps, 1),
+            "mean_kernel_us": round(busy_us / max(1, launches), 2), "steps": steps,
             "groups_s": {group: round(us / 1e6, 4) for group, us in sorted(groups.items(), key=lambda g: -g[1])},
             "top": [{"name": name[:90], "group": group_of(name), "count": count, "us": round(us, 1),
                      "us_each": round(us / count, 2)} for name, count, us in rows[:top]]}
