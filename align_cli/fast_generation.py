@@ -454,9 +454,11 @@ class Partner:
 
 
 def compile_mode() -> str:
-    """`ALIGN_FAST_COMPILE`: `auto` (compile the decode step on CUDA), `1` (also on CPU), `0` (never)."""
+    """`ALIGN_FAST_COMPILE`: `auto` (compile the decode step on CUDA), `1` (also on CPU), `0` (never),
+    `autotune` (on CUDA, with inductor's GEMM autotuning: `AUTOTUNE`)."""
     value = os.environ.get("ALIGN_FAST_COMPILE", "auto").strip().lower()
-    return {"1": "on", "true": "on", "on": "on", "0": "off", "false": "off", "off": "off"}.get(value, "auto")
+    return {"1": "on", "true": "on", "on": "on", "0": "off", "false": "off", "off": "off",
+            "autotune": "autotune", "max-autotune": "autotune"}.get(value, "auto")
 
 
 @functools.lru_cache(maxsize=None)
@@ -476,6 +478,11 @@ class Compile:
 
     backend: object = "inductor"   # a torch.compile backend: its name or a callable
     mode: str | None = None   # None: inductor's default (no autotuning: tens of seconds, not minutes)
+
+
+# Inductor's GEMM autotuning (Triton templates against cuBLAS, with fused epilogues) without its own CUDA graphs:
+# the step is captured whole by `_DecodeStep` instead.
+AUTOTUNE = Compile(mode="max-autotune-no-cudagraphs")
 
 
 class _DecodeStep:
@@ -584,7 +591,10 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
         cuda_graph = device.type == "cuda"
     if compile_step is None:
         chosen = compile_mode()
-        compile_step = chosen == "on" or (chosen == "auto" and device.type == "cuda")
+        if chosen == "autotune" and device.type == "cuda":
+            compile_step = AUTOTUNE
+        else:
+            compile_step = chosen == "on" or (chosen in ("auto", "autotune") and device.type == "cuda")
     compile_options = Compile() if compile_step is True else (compile_step or None)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

@@ -14,7 +14,8 @@ Paths (`ALIGN_FAST_GENERATION` is read by `fast_generation.mode()` at each `gene
   (continuous batching, decode step compiled when `ALIGN_FAST_COMPILE` allows, by default on CUDA, then
   captured as a CUDA graph). Off CUDA the default falls back to `generate`, so there `ours` sets
   `ALIGN_FAST_GENERATION=1` (the fast path on CPU, uncompiled, no graphs): a check that both paths run, not a
-  timing.
+  timing;
+- `ours_autotune`: `ours` with `ALIGN_FAST_COMPILE=autotune` (inductor's GEMM autotuning in the decode step).
 Each run counts its calls of `fast_generate` and of transformers `generate` (the real functions, wrapped to
 count), so the JSON shows which path each run took.
 
@@ -70,7 +71,7 @@ SHAPES = {
 }
 TOKENIZER_MODEL = "builtin:smollm2-135m-instruct"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "grpo.yaml"
-PATHS = ("today", "ours")
+PATHS = ("today", "ours", "ours_autotune")
 STEP_FIELDS = ("step", "step_seconds", "generation_seconds", "completion_length/mean", "completion/truncated",
                "tokens_per_second", "loss", "reward/mean")
 
@@ -140,7 +141,8 @@ def recipe_overrides(model_dir: Path, prompts_per_step: int, num_generations: in
 def path_environment(path: str, on_gpu: bool) -> dict[str, str]:
     if path == "today":
         return {"ALIGN_FAST_GENERATION": "0"}
-    return {"ALIGN_FAST_GENERATION": "auto" if on_gpu else "1"}  # off CUDA, `auto` would fall back to generate
+    fast = {"ALIGN_FAST_GENERATION": "auto" if on_gpu else "1"}  # off CUDA, `auto` would fall back to generate
+    return {**fast, "ALIGN_FAST_COMPILE": "autotune"} if path == "ours_autotune" else fast
 
 
 @contextlib.contextmanager
@@ -232,8 +234,8 @@ def run_case(model_dir: Path, work: Path, path: str, prompts_per_step: int, args
     rollouts = prompts_per_step * args.num_generations
     case = {"path": path, "prompts_per_step": prompts_per_step, "num_generations": args.num_generations,
             "rollouts": rollouts, "max_new_tokens": args.max_new_tokens, "warmup_steps": warmup,
-            "timed_steps": timed, "environment": {**env, "ALIGN_FAST_COMPILE": os.environ.get("ALIGN_FAST_COMPILE",
-                                                                                              "auto")},
+            "timed_steps": timed, "environment": {"ALIGN_FAST_COMPILE": os.environ.get("ALIGN_FAST_COMPILE", "auto"),
+                                                  **env},
             "overrides": overrides}
     run_dir = work / f"run-{path}-{prompts_per_step}"
     began = time.perf_counter()
@@ -253,7 +255,7 @@ def run_case(model_dir: Path, work: Path, path: str, prompts_per_step: int, args
                     seconds_outside_steps=round(time.perf_counter() - began - sum(s["step_seconds"] for s in steps), 1),
                     fast_stats_per_call=calls["fast_stats"], steps=steps)
         took_fast = calls["fast_generate_calls"] > 0 and calls["generate_calls"] == 0
-        if took_fast != (path == "ours"):
+        if took_fast != (path != "today"):
             case["path_check"] = (f"expected the {path} path, saw {calls['fast_generate_calls']} fast_generate and "
                                   f"{calls['generate_calls']} generate calls")
     except Exception as error:  # record what failed and go on: one lease, several runs

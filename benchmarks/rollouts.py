@@ -136,9 +136,9 @@ def ours(model, prompts, lengths, new_tokens, compiled: bool | str = False, samp
     adaptive = AdaptiveSampling(0.3, "paper", EntropyStats(1.0, 0.5, 2.0, -2.0)) if sampler == "hapo" else None
     extrapolation = (partner_model(model), 0.5) if sampler == "apo" else None
     if compiled == "max-autotune":  # the decode step's GEMMs autotuned; no CUDA graphs of inductor's own
-        from align_cli.fast_generation import Compile
+        from align_cli.fast_generation import AUTOTUNE
 
-        compiled = Compile(mode="max-autotune-no-cudagraphs")
+        compiled = AUTOTUNE
     out = fast_generate(model, prompts, GROUP, new_tokens, Sampling(1.0, 1.0, 0, adaptive), {EOS}, lengths=lengths,
                         compile_step=compiled, extrapolation=extrapolation, fuse=fuse)
     return sum(len(t) for t in out.tokens), out.stats

@@ -13,7 +13,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 EXTRA=""
 python3 -c "import sys, pyarrow; from packaging.version import Version as V; print('pyarrow', pyarrow.__version__); sys.exit(V(pyarrow.__version__) < V('21'))" \
     || EXTRA=$(ls "$WHEELS"/arrow/*.whl)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation --target /tmp/site \
+# SKIP_INSTALL=1: a second run in the same device call reuses /tmp/site (the ~45 s install once per call)
+[ -n "$SKIP_INSTALL" ] && [ -d /tmp/site/align_cli ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation --target /tmp/site \
     "$WHEELS"/*.whl $EXTRA "$REPO" 2>&1 | grep -v "WARNING: Target directory" || true
 export PYTHONPATH=/tmp/site
 cd /tmp || exit 1  # away from the checkout's align_cli/, which lacks the installed kernels/ and losses/
