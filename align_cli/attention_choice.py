@@ -8,8 +8,8 @@ elsewhere), and the bucket keeps the one with the lowest median. Buckets: the ro
 tokens per sequence, each rounded up to a power of two, prompt sharing, heads, key/value heads, head dim,
 dtype, device type. Each decision is printed once (process 0) and listed in summary.json's `attention`.
 
-A candidate whose warm-up output differs from the first candidate's (FlexAttention on CUDA, the dense mask
-elsewhere) by more than the dtype's rounding is not chosen (`disagreeing`): a kernel computing another attention
+A candidate whose warm-up output or input gradients differ from the first candidate's (FlexAttention on CUDA, the
+dense mask elsewhere) by more than the dtype's rounding is not chosen (`disagreeing`): a kernel computing another attention
 (say, a causal alignment changed in some torch version) would otherwise win on speed alone.
 
 The trial leaves training untouched: its inputs come from a generator of its own (the global RNG streams
@@ -129,21 +129,31 @@ def measure(candidates: dict[str, Callable], device: torch.device, repeats: int)
     return {name: statistics.median(values) for name, values in times.items()}, outputs
 
 
-def disagreeing(outputs: dict[str, torch.Tensor | None]) -> dict[str, str]:
-    """Candidates whose output differs from the first candidate's beyond the dtype's rounding, with why."""
+def disagreeing(outputs: dict[str, object]) -> dict[str, str]:
+    """Candidates whose output differs from the first candidate's beyond the dtype's rounding, with why. An output
+    is a tensor or a tuple of tensors (the attention trials: the output and the three input gradients), each
+    compared on its own scale."""
     (reference_name, reference), *others = outputs.items()
     if reference is None:
         return {}
-    low_precision = reference.dtype in (torch.float16, torch.bfloat16)
-    tolerance = (2e-2 if low_precision else 1e-4) * max(1.0, reference.abs().max().item())
     found = {}
     for name, output in others:
         if output is None:
             continue
-        error = (output.float() - reference.float()).abs().max().item()
-        if not error <= tolerance:   # also a NaN
-            found[name] = f"its output differs from {reference_name}'s by {error:.3g} (tolerance {tolerance:.3g})"
+        for part, (want, got) in enumerate(zip(_parts(reference), _parts(output))):
+            low_precision = want.dtype in (torch.float16, torch.bfloat16)
+            tolerance = (2e-2 if low_precision else 1e-4) * max(1.0, want.abs().max().item())
+            error = (got.float() - want.float()).abs().max().item()
+            if not error <= tolerance:   # also a NaN
+                what = ("its output", "its query gradient", "its key gradient", "its value gradient")[part] \
+                    if isinstance(reference, tuple) else "its output"
+                found[name] = f"{what} differs from {reference_name}'s by {error:.3g} (tolerance {tolerance:.3g})"
+                break
     return found
+
+
+def _parts(output) -> tuple:
+    return output if isinstance(output, tuple) else (output,)
 
 
 def _timed(run: Callable, device: torch.device) -> float:
@@ -157,10 +167,12 @@ def _timed(run: Callable, device: torch.device) -> float:
 
 
 def attention_trials(forwards: dict[str, Callable], heads: int, kv_heads: int, head_dim: int, row_tokens: int,
-                     dtype: torch.dtype, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
+                     dtype: torch.dtype, device: torch.device,
+                     compared: torch.Tensor | None = None) -> dict[str, Callable[[], tuple]]:
     """Per candidate, a closure running its `forward(query, key, value)` (`[1, H, T, D]` in, `[1, T, H, D]` out) and
     the backward to query, key and value, on random inputs from a private generator, shared by all candidates; it
-    returns the output (`disagreeing` compares them)."""
+    returns (output, query, key and value gradients) at the `compared` token positions (all by default; the row's
+    padding, which no loss sees, may be left out), which `disagreeing` compares."""
     generator = torch.Generator(device=device).manual_seed(0)
 
     def draw(*shape):
@@ -169,12 +181,13 @@ def attention_trials(forwards: dict[str, Callable], heads: int, kv_heads: int, h
     query, key, value = draw(1, heads, row_tokens, head_dim), draw(1, kv_heads, row_tokens, head_dim), \
         draw(1, kv_heads, row_tokens, head_dim)
     grad_output = torch.randn((1, row_tokens, heads, head_dim), generator=generator, device=device, dtype=dtype)
+    rows = compared if compared is not None else slice(None)
 
     def trial(forward):
         def run():
             output = forward(query, key, value)
-            torch.autograd.grad(output, (query, key, value), grad_output)
-            return output.detach()
+            grads = torch.autograd.grad(output, (query, key, value), grad_output)
+            return (output.detach()[:, rows], *(g[:, :, rows] for g in grads))
         return run
 
     return {name: trial(forward) for name, forward in forwards.items()}

@@ -28,9 +28,10 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the model repository. Off unless you trust it.")
     attn_implementation: Optional[str] = Field(
         None, description="transformers attention backend (`sdpa`, `eager`, `flash_attention_2`), or one of ours for "
-                          "packed rows: `align_packed` (per batch FlexAttention or flash varlen, whichever measured "
-                          "faster for the batch's shape bucket), `align_flex` (FlexAttention), `align_varlen` (flash "
-                          "varlen; bf16/fp16, head dim <= 256). None: `align_packed` with packing on CUDA, else the "
+                          "packed rows: `align_packed` (per batch FlexAttention, flash varlen or the padded batch, "
+                          "whichever measured fastest for the batch's shape bucket), `align_flex` (FlexAttention), "
+                          "`align_varlen` (flash varlen; bf16/fp16, head dim <= 256), `align_padded` (the row as a "
+                          "right-padded batch through SDPA's causal kernel, cuDNN's on Hopper). None: `align_packed` with packing on CUDA, else the "
                           "model's default (docs/throughput.md).")
     tokenizer: Optional[str] = Field(None, description="Tokenizer location if it differs from `name`.")
 

@@ -4,11 +4,12 @@ Backends (`model.attn_implementation`; all three `align_*` names are registered 
 SDPA for padded batches and for generation with a KV cache, so held-out evaluation and sampling keep SDPA's
 kernels and masks):
 
-- `align_packed` (the GPU default with packing): per batch, FlexAttention or flash varlen, whichever measured
-  faster for the batch's shape bucket (`attention_choice.py`: the first batch of each bucket times one attention
+- `align_packed` (the GPU default with packing): per batch, FlexAttention, flash varlen or the padded batch,
+  whichever measured fastest for the batch's shape bucket (`attention_choice.py`: the first batch of each bucket times one attention
   call forward and backward of each, the winner is kept for the bucket, printed once and listed in
   summary.json's `attention`). Varlen is tried only where the flash kernel takes the inputs (bf16 / fp16, head
-  dim <= 256 and a multiple of 8, sm80+); on CPU the candidates are the dense mask and the varlen reference.
+  dim <= 256 and a multiple of 8, sm80+); on CPU the candidates are the dense mask, the varlen reference and the
+  padded batch.
 - `align_flex` (forces FlexAttention; `flex_attention` is transformers' own path to the same mask): a
   FlexAttention `BlockMask`. Only the 128 x 128 blocks that hold an allowed pair are computed, so attention
   costs the sum of each sequence's square (plus its prompt), not the square of the row. The block tables are
@@ -20,6 +21,9 @@ kernels and masks):
   keyword `VARLEN_KWARG` (transformers passes a forward's extra keywords down to every attention call, also
   under gradient checkpointing and regional compilation), with a `[1, 1, 0, 0]` stand-in `attention_mask`
   that transformers' mask builder hands on unchanged (a 4-D mask), so no `[T, T]` mask is ever built.
+- `align_padded` (forces the padded batch): the row unpacked into a right-padded `[B, L]` batch, one row per
+  sequence (a completion with its prompt in front), through SDPA's causal kernel (cuDNN's on Hopper, which beats
+  the varlen kernel where the row has little padding to remove: `padded_attention.py`).
 - `sdpa` / `eager` (CPU, or by choice): an explicit `[1, 1, T, T]` mask, boolean for SDPA, additive
   for eager. Exact, but memory and time grow with T^2: meant for CPU and short rows.
 - `flash_attention_2` / `flash_attention_3`: no mask; transformers reads the sequence boundaries
@@ -34,23 +38,26 @@ from __future__ import annotations
 import torch
 
 from .attention_choice import CHOOSER, attention_trials, bucket_of
-from .data.packing import PackedSequenceBatch
+from .data.packing import PADDING_SEGMENT, PackedSequenceBatch
 from .errors import UserError
+from .padded_attention import PaddedLayout, padded_attention_forward, padded_layout
 from .varlen_attention import VarlenLayout, flash_varlen_unsupported, varlen_attention_forward, varlen_layout
 
 FLASH_BACKENDS = ("flash_attention_2", "flash_attention_3")
-PACKED_BACKEND = "align_packed"  # per batch, FlexAttention or flash varlen by measured cost; SDPA elsewhere
+PACKED_BACKEND = "align_packed"  # per batch, FlexAttention, flash varlen or padded by measured cost; SDPA elsewhere
 FLEX_BACKEND = "align_flex"      # FlexAttention on packed rows, SDPA elsewhere
 VARLEN_BACKEND = "align_varlen"  # flash varlen on packed rows, SDPA elsewhere
-ALIGN_BACKENDS = (PACKED_BACKEND, FLEX_BACKEND, VARLEN_BACKEND)
+PADDED_BACKEND = "align_padded"  # packed rows unpacked into a padded batch for SDPA's causal kernel
+ALIGN_BACKENDS = (PACKED_BACKEND, FLEX_BACKEND, VARLEN_BACKEND, PADDED_BACKEND)
 VARLEN_KWARG = "align_varlen_layout"  # the forward keyword that carries a VarlenLayout to the attention calls
+PADDED_KWARG = "align_padded_layout"  # ... and the one that carries a PaddedLayout
 BLOCK = 128
 
 
 def register_backend() -> str:
     """Register the `align_*` backends with transformers (idempotent) and return the default, `align_packed`.
-    They share one attention function, which runs what it is handed: varlen for a `VarlenLayout` keyword,
-    FlexAttention for a `BlockMask`, SDPA otherwise (padded batches, generation with a KV cache); which one a
+    They share one attention function, which runs what it is handed: varlen for a `VarlenLayout` keyword, the
+    padded batch for a `PaddedLayout` one, FlexAttention for a `BlockMask`, SDPA otherwise (padded batches, generation with a KV cache); which one a
     packed row gets is `model_inputs`' choice, by the backend's name."""
     from torch.nn.attention.flex_attention import BlockMask
     from transformers import AttentionInterface
@@ -61,6 +68,8 @@ def register_backend() -> str:
         layout = kwargs.get(VARLEN_KWARG)
         if layout is not None:
             return varlen_attention_forward(query, key, value, layout, scaling), None
+        if (padded := kwargs.get(PADDED_KWARG)) is not None:
+            return padded_attention_forward(query, key, value, padded, scaling), None
         if isinstance(attention_mask, BlockMask):
             return flex_attention_forward(query, key, value, attention_mask, scaling), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
@@ -183,6 +192,9 @@ def model_inputs(model, batch: PackedSequenceBatch) -> dict:
     if kind == "varlen":
         layout = packed_layout(batch)
         return {**inputs, "attention_mask": layout.placeholder, VARLEN_KWARG: layout}
+    if kind == "padded":
+        padded = packed_padded_layout(batch)
+        return {**inputs, "attention_mask": padded.placeholder, PADDED_KWARG: padded}
     if kind == "flex":
         return {**inputs, "attention_mask": packed_block_mask(batch)}
     from .models import unwrap
@@ -191,9 +203,11 @@ def model_inputs(model, batch: PackedSequenceBatch) -> dict:
 
 
 def attention_kind(model, batch: PackedSequenceBatch, implementation: str) -> str:
-    """"varlen", "flex" or "dense": what the packed row runs under `implementation`."""
+    """"varlen", "padded", "flex" or "dense": what the packed row runs under `implementation`."""
     if implementation in ("flex_attention", FLEX_BACKEND):
         return "flex"
+    if implementation == PADDED_BACKEND:
+        return "padded"
     if implementation == VARLEN_BACKEND:
         device = batch.input_ids.device
         heads, kv_heads, head_dim, dtype = attention_shape(model)
@@ -209,8 +223,9 @@ def attention_kind(model, batch: PackedSequenceBatch, implementation: str) -> st
 
 def measured_kind(model, batch: PackedSequenceBatch) -> str:
     """`align_packed`'s choice for this batch's bucket, measured the first time the bucket is seen
-    (`attention_choice.py`). CUDA: FlexAttention against flash varlen where the kernel takes the inputs; CPU:
-    the dense mask against the varlen reference."""
+    (`attention_choice.py`). CUDA: FlexAttention, flash varlen where the kernel takes the inputs, and the padded
+    batch; CPU: the dense mask, the varlen reference and the padded batch. Compared on the row's real tokens (the
+    padded batch leaves the trailing padding's outputs at zero)."""
     heads, kv_heads, head_dim, dtype = attention_shape(model)
     device, length = batch.input_ids.device, batch.input_ids.shape[1]
     bucket = bucket_of(length, batch.num_sequences, batch.shares_prompts, heads, kv_heads, head_dim, dtype, device)
@@ -231,14 +246,22 @@ def measured_kind(model, batch: PackedSequenceBatch) -> str:
         forwards = {"dense": dense}
     if "varlen" not in unavailable:
         forwards["varlen"] = lambda q, k, v: varlen_attention_forward(q, k, v, packed_layout(batch), scale)
-    return CHOOSER.choose(bucket, lambda: attention_trials(forwards, heads, kv_heads, head_dim, length, dtype, device),
-                          unavailable)
+    forwards["padded"] = lambda q, k, v: padded_attention_forward(q, k, v, packed_padded_layout(batch), scale)
+    real = (batch.segments != PADDING_SEGMENT).nonzero().squeeze(1)
+    return CHOOSER.choose(bucket, lambda: attention_trials(forwards, heads, kv_heads, head_dim, length, dtype, device,
+                                                           real), unavailable)
 
 
 def packed_layout(batch: PackedSequenceBatch) -> VarlenLayout:
     if "varlen" not in batch._attention:
         batch._attention["varlen"] = varlen_layout(batch.segments, batch.context)
     return batch._attention["varlen"]
+
+
+def packed_padded_layout(batch: PackedSequenceBatch) -> PaddedLayout:
+    if "padded" not in batch._attention:
+        batch._attention["padded"] = padded_layout(batch.segments, packed_layout(batch))
+    return batch._attention["padded"]
 
 
 def packed_block_mask(batch: PackedSequenceBatch):

@@ -13,12 +13,12 @@ same batches in the same order (TRL's sampler made sequential), same initial wei
   trl           DPOTrainer, its defaults: fused LM head, gradient checkpointing, reference model copy
                 (handed to it as `ref_model`: it would reload one from the model's path, which a
                 random-init model lacks)
-  ours          our default on GPU: packed rows (attention align_packed: per shape bucket FlexAttention's block mask
-                or flash varlen, whichever measured faster), prompt shared by chosen and rejected, fused log-prob
+  ours          our default on GPU: packed rows (attention align_packed: per shape bucket FlexAttention's block mask,
+                flash varlen or the padded batch, whichever measured fastest), prompt shared by chosen and rejected, fused log-prob
                 kernel, live reference run without autograd on the same packed row; gradient checkpointing on (as
                 TRL). A row's `attention` lists align_packed's decisions (attention_choice.py)
-  ours flex / ours varlen   ours with the backend forced (model.attn_implementation: align_flex / align_varlen),
-                also compiled: the fixed-length rows only
+  ours flex / ours varlen / ours padded   ours with the backend forced (model.attn_implementation: align_flex /
+                align_varlen / align_padded), also compiled: the fixed-length rows only
   ours cached   the same with reference log-probs precomputed to the disk cache (reference model freed)
   trl cached    DPOTrainer with precompute_ref_log_probs (no reference model kept)
   ours compile  ours with training.compile (torch.compile of each decoder layer); also cached, and
@@ -581,7 +581,7 @@ def main():
         forced = [  # the fixed-length rows with each packed-row backend forced, uncompiled and compiled
             (f"ours{' compile' if compiled_ else ''} {backend}",
              {"cached": False, "compile_model": compiled_, "attention": f"align_{backend}"})
-            for backend in ("flex", "varlen")
+            for backend in ("flex", "varlen", "padded")
             for compiled_ in (False, True)
         ]
         for length, pairs in ((4096, 4), (16384, 2), (1024, 4), (256, 4)):

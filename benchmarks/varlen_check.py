@@ -1,4 +1,5 @@
-"""GPU check of the packed-row attention backends (issue 18): flash varlen vs FlexAttention vs dense SDPA (not a test).
+"""GPU check of the packed-row attention backends (issue 18): flash varlen vs FlexAttention vs the padded batch vs
+dense SDPA (not a test).
 
     python benchmarks/varlen_check.py [--out DIR] [--lengths 1024,4096,16384] [--no-model] [--quick]
 
@@ -8,13 +9,14 @@ On one CUDA GPU, at the Qwen2.5-0.5B attention shape (14 query heads, 2 key/valu
 
 1. Kernels on real packed rows (`data/packing.pack_sequences`): per completion length L, `pairs` pairs of prompt
    256 + chosen L + rejected L (4 pairs up to L=4096, 2 at 16384, as benchmarks/dpo_vs_trl.py's fixed-length
-   rows), with and without prompt sharing. Every backend's output and q/k/v gradients against an fp32
+   rows), with and without prompt sharing. Every backend's output and q/k/v gradients (on the row's real tokens:
+   the padded batch leaves the trailing padding at zero) against an fp32
    reference (dense SDPA with the `[T, T]` mask where the row is <= 40k tokens, else the per-segment varlen
    reference in fp32), as relative norm errors, with bf16 dense SDPA's own error beside them as the scale of
    bf16 rounding; and the median fwd and fwd+bwd milliseconds of one attention call (CUDA events). `trl_padded`
    is what TRL runs for the same pairs: SDPA is_causal on the padded [2 * pairs, 256 + L] batch.
 2. Models (unless --no-model): a 2-layer Qwen2 of that attention shape (bf16, vocab 1024) over a packed row,
-   align_varlen / align_flex / align_packed against the dense-mask SDPA path (per-sequence log-prob sums and
+   align_varlen / align_flex / align_padded / align_packed against the dense-mask SDPA path (per-sequence log-prob sums and
    parameter gradients, relative errors), eager and with the decoder layers compiled (training.compile's
    regional compile, inductor), two row lengths each; and align_packed's decisions (attention_choice.py).
 
@@ -36,8 +38,9 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from align_cli.data.packing import pack_sequences
+from align_cli.data.packing import PADDING_SEGMENT, pack_sequences
 from align_cli.packed_attention import block_mask, dense_mask, flex_attention_forward
+from align_cli.padded_attention import padded_attention_forward, padded_layout
 from align_cli.varlen_attention import (
     VARLEN_CAUSAL,
     VARLEN_TAKES_GQA,
@@ -105,7 +108,12 @@ def kernel_case(length: int, pairs: int, share: bool, repeats: int) -> dict:
     mask = block_mask(segments, context)
     sync()
     block_mask_ms = 1e3 * (time.perf_counter() - started)
+    batch_layout = padded_layout(segments, layout)
     dense = dense_mask(segments, context) if tokens <= DENSE_LIMIT else None
+    real = (segments != PADDING_SEGMENT).nonzero().squeeze(1)
+
+    def on_real(output, grads):
+        return output[:, real], [g[:, :, real] for g in grads]
 
     def repeat_kv(k, v):
         return k.repeat_interleave(HEADS // KV_HEADS, 1), v.repeat_interleave(HEADS // KV_HEADS, 1)
@@ -113,6 +121,7 @@ def kernel_case(length: int, pairs: int, share: bool, repeats: int) -> dict:
     forwards = {
         "varlen": lambda q, k, v: varlen_attention_forward(q, k, v, layout, scale),
         "flex": lambda q, k, v: flex_attention_forward(q, k, v, mask, scale),
+        "padded": lambda q, k, v: padded_attention_forward(q, k, v, batch_layout, scale),
     }
     if dense is not None:
         forwards["dense_sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(
@@ -129,11 +138,12 @@ def kernel_case(length: int, pairs: int, share: bool, repeats: int) -> dict:
                 keys = tuple(t[layout.k_index] for t in keys)
             out = reference_varlen_attention(q[0].transpose(0, 1), *keys, layout, scale)[None]
             kind = "per-segment fp32"
-        return out, torch.autograd.grad(out, (q, k, v), grad), kind
+        return *on_real(out, torch.autograd.grad(out, (q, k, v), grad)), kind
 
     reference, reference_grads, reference_kind = run_fp32_reference()
     case = {"L": length, "pairs": pairs, "shared_prompts": share, "row_tokens": tokens,
             "segments": len(layout.query_lengths), "attended_pairs": layout.attended_pairs,
+            "padded_batch": list(batch_layout.shape), "padded_computed_pairs": batch_layout.computed_pairs,
             "layout_ms": round(layout_ms, 2), "block_mask_ms": round(block_mask_ms, 2), "reference": reference_kind,
             "backends": {}}
     bf16 = [t.to(DTYPE).requires_grad_() for t in base]
@@ -141,7 +151,7 @@ def kernel_case(length: int, pairs: int, share: bool, repeats: int) -> dict:
     for name, forward in forwards.items():
         try:
             out = forward(*bf16)
-            grads = torch.autograd.grad(out, bf16, grad16)
+            out, grads = on_real(out, torch.autograd.grad(out, bf16, grad16))
             entry = {"output_error": relative(out, reference),
                      **{f"d{n}_error": relative(g, r) for n, g, r in zip("qkv", grads, reference_grads)}}
             del out, grads
@@ -235,7 +245,7 @@ def model_checks(lengths=(1024, 512)) -> dict:
 
     expected = run(tiny_qwen("sdpa"))  # the dense [T, T] mask through SDPA
     results = {}
-    for implementation in ("align_varlen", "align_flex", "align_packed"):
+    for implementation in ("align_varlen", "align_flex", "align_padded", "align_packed"):
         for compiled in (False, True):
             name = f"{implementation}{' compiled' if compiled else ''}"
             try:

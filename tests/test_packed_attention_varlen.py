@@ -1,4 +1,4 @@
-"""The varlen layout of packed rows, its reference attention, and `align_packed`'s measured choice of backend."""
+"""The varlen and padded-batch layouts of packed rows, their attention, and `align_packed`'s measured choice."""
 
 import pytest
 import torch
@@ -8,7 +8,8 @@ from test_packing import GROUPS, random_examples, tiny_model
 from align_cli.attention_choice import CHOOSER, BackendChooser, bucket_of, power_of_two_at_least
 from align_cli.data.packing import PADDING_SEGMENT, pack_groups, pack_sequences
 from align_cli.logprobs import sequence_logps
-from align_cli.packed_attention import VARLEN_KWARG, dense_mask, model_inputs, register_backend
+from align_cli.packed_attention import PADDED_KWARG, VARLEN_KWARG, dense_mask, model_inputs, register_backend
+from align_cli.padded_attention import padded_attention_forward, padded_layout
 from align_cli.varlen_attention import flash_varlen_unsupported, varlen_attention_forward, varlen_layout
 
 
@@ -39,6 +40,21 @@ def test_layout_of_shared_prompts_by_hand():
     assert layout.cu_seq_q.dtype == layout.cu_seq_k.dtype == torch.int32
     # the rejected completion's one query sees the whole prompt and itself, not its sibling
     assert visible_by_layout(layout, 16)[5].nonzero().squeeze(1).tolist() == [0, 1, 2, 5]
+
+
+def test_padded_layout_of_shared_prompts_by_hand():
+    # the rows of test_layout_of_shared_prompts_by_hand: each completion a batch row [its prompt, itself], the first
+    # completion of a prompt also giving the prompt's outputs, the trailing padding no row (its outputs: the zero slot)
+    rows = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10], "row_index": 0},
+            {"prompt_ids": [11, 12], "chosen_ids": [13, 14], "rejected_ids": [], "row_index": 1}]
+    batch = pack_sequences(rows, ["chosen", "rejected"], pad_id=0, share_prompt=True, pad_multiple=16)
+    layout = padded_layout(batch.segments, varlen_layout(batch.segments, batch.context))
+    assert layout.lengths == (5, 4, 4) and layout.shape == (3, 5)
+    assert layout.gather_index.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 5, 0], [6, 7, 8, 9, 0]]
+    assert layout.output_index.tolist() == [0, 1, 2, 3, 4, 8, 10, 11, 12, 13, *[15] * 6]
+    plain = pack_sequences(rows, ["chosen", "rejected"], pad_id=0, share_prompt=False, pad_multiple=16)
+    unshared = padded_layout(plain.segments, varlen_layout(plain.segments, plain.context))
+    assert unshared.lengths == (5, 4, 4, 2)   # plain packing: each sequence its own row (the empty rejected: 2)
 
 
 def test_plain_packing_keys_are_the_queries():
@@ -91,21 +107,45 @@ def test_reference_varlen_equals_dense_mask_attention(share_prompt, heads, kv_he
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # float32: sums in another order
 
 
+@pytest.mark.parametrize("share_prompt", [True, False])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2)])
+def test_padded_batch_equals_dense_mask_attention_on_real_tokens(share_prompt, heads, kv_heads):
+    batch = pack_sequences(random_examples(4, seed=11), GROUPS, pad_id=0, share_prompt=share_prompt)
+    length, dim, scale = batch.segments.numel(), 16, 0.3
+    real = batch.segments != PADDING_SEGMENT
+    assert not real.all()   # the row ends in padding: its outputs are the layout's zeros
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(1, h, length, dim, generator=generator, requires_grad=True)
+              for h in (heads, kv_heads, kv_heads)]
+    grad = torch.randn(1, length, heads, dim, generator=generator) * real[None, :, None, None]  # no loss on padding
+    layout = padded_layout(batch.segments, varlen_layout(batch.segments, batch.context))
+    output = padded_attention_forward(*inputs, layout, scale)
+    grads = torch.autograd.grad(output, inputs, grad)
+    expected = F.scaled_dot_product_attention(*inputs, attn_mask=dense_mask(batch.segments, batch.context),
+                                              scale=scale, enable_gqa=heads != kv_heads).transpose(1, 2)
+    expected_grads = torch.autograd.grad(expected, inputs, grad)
+    torch.testing.assert_close(output[:, real], expected[:, real], rtol=1e-5, atol=1e-6)
+    assert torch.equal(output[:, ~real], torch.zeros_like(output[:, ~real]))
+    for got, want in zip(grads, expected_grads):   # duplicated prompt tokens: the copies' gradients add up
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def checkpointed(model):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 
 
+@pytest.mark.parametrize("implementation", ["align_varlen", "align_padded"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_tiny_models_through_varlen_equal_the_dense_path(family, compiled):
+def test_tiny_models_through_varlen_equal_the_dense_path(family, compiled, implementation):
     """Gradient checkpointing, and regional compilation (aot_eager) of the decoder layers, on top of each model's
     own attention call: the layout keyword reaches every layer's attention call, recompute included."""
     from align_cli.compilation import compile_layers
 
     register_backend()
-    dense, varlen = checkpointed(tiny_model(family, "sdpa")), checkpointed(tiny_model(family, "align_varlen"))
+    dense, varlen = checkpointed(tiny_model(family, "sdpa")), checkpointed(tiny_model(family, implementation))
     compilation = compile_layers(varlen, backend="aot_eager") if compiled else None
     for seed, share_prompt in ((1, True), (2, False)):
         examples = random_examples(5, seed=seed)
@@ -114,7 +154,8 @@ def test_tiny_models_through_varlen_equal_the_dense_path(family, compiled):
         batch = pack_groups(examples, GROUPS, 0, share_prompt).sequences
         got = sequence_logps(varlen, batch)
         got.sums.sum().backward()
-        assert list(batch._attention) == ["varlen"]  # no [T, T] mask was built
+        # no [T, T] mask was built (the padded layout is derived from the varlen one)
+        assert list(batch._attention) == (["varlen"] if implementation == "align_varlen" else ["varlen", "padded"])
         torch.testing.assert_close(got.sums, expected.sums, rtol=0, atol=2e-5)
         torch.testing.assert_close(got.token_logps, expected.token_logps, rtol=0, atol=2e-6)
         for (name, p), q in zip(varlen.named_parameters(), dense.parameters()):
@@ -145,9 +186,10 @@ def test_chooser_measures_each_bucket_once_and_leaves_training_untouched():
     assert torch.equal(torch.get_rng_state(), rng)  # no draw from the global stream
     assert all(p.grad is None for p in model.parameters())
     [decision] = CHOOSER.report()
-    assert set(decision["milliseconds"]) == {"dense", "varlen"}  # CPU: the candidates that run here
+    assert set(decision["milliseconds"]) == {"dense", "varlen", "padded"}  # CPU: the candidates that run here
     assert decision["chosen"] == min(decision["milliseconds"], key=decision["milliseconds"].get)
     assert (VARLEN_KWARG in kind) == (decision["chosen"] == "varlen")
+    assert (PADDED_KWARG in kind) == (decision["chosen"] == "padded")
     same_bucket = pack_groups(rows[3:], GROUPS, 0, True).sequences
     assert bucket_of(same_bucket.input_ids.shape[1], same_bucket.num_sequences, True, 4, 2, 16, torch.float32,
                      torch.device("cpu")) == bucket_of(batch.input_ids.shape[1], batch.num_sequences, True, 4, 2,
@@ -159,7 +201,8 @@ def test_chooser_measures_each_bucket_once_and_leaves_training_untouched():
     CHOOSER.clear()
 
 
-@pytest.mark.parametrize("implementation, expected", [("align_varlen", VARLEN_KWARG), ("align_flex", None)])
+@pytest.mark.parametrize("implementation, expected", [("align_varlen", VARLEN_KWARG), ("align_padded", PADDED_KWARG),
+                                                      ("align_flex", None)])
 def test_a_named_backend_is_forced_without_measuring(implementation, expected):
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -208,6 +251,17 @@ def test_chooser_never_takes_a_candidate_computing_another_attention():
     close = output + 1e-6   # rounding: still a candidate, and the faster one wins
     other = bucket._replace(row_tokens=2048)
     assert chooser.choose(other, lambda: {"dense": slow_reference, "varlen": lambda: close}) == "varlen"
+
+
+def test_chooser_never_takes_a_candidate_with_other_gradients():
+    chooser = BackendChooser(repeats=1)
+    bucket = bucket_of(512, 4, True, 4, 2, 16, torch.float32, torch.device("cpu"))
+    output, grad = torch.ones(1, 8, 4, 16), torch.ones(1, 4, 8, 16)
+    wrong_grad = grad.clone()
+    wrong_grad[0, 0, 3] = -1.0   # same forward, a backward that sends one key's gradient elsewhere
+    assert chooser.choose(bucket, lambda: {"dense": lambda: (output, grad, grad, grad),
+                                           "padded": lambda: (output, grad, wrong_grad, grad)}) == "dense"
+    assert "key gradient differs" in chooser.report()[0]["unavailable"]["padded"]
 
 
 def test_flash_kernel_is_refused_where_it_cannot_run():
