@@ -31,7 +31,8 @@ same batches in the same order (TRL's sampler made sequential), same initial wei
   ours opt-in-bwd+offload   both. Each of the three also cached, and both also compiled (Llama-3.2-1B shape
                 only; --quick: uncompiled). Pinned host memory is not in the GPU peak, which is the point
   ours chunked  ours with training.mlp_chunk_tokens: 2048 (each decoder MLP over checkpointed chunks of
-                tokens); also with both levers above ("opt-in-bwd+offload+chunked"), cached and compiled
+                tokens); also with both levers above ("opt-in-bwd+offload+chunked", and "...chunked1024" with 1024),
+                cached and compiled
 
 Tokens/s counts the tokens of the chosen and rejected sequences as TRL runs them (prompt + completion
 of each, no padding): the same number for every trainer on the same batches. MFU = F x tokens/s /
@@ -557,7 +558,9 @@ def main():
                                ("opt-in-bwd+offload", {"in_backward": True, "offload": True}),
                                ("chunked", {"mlp_chunk": 2048}),
                                ("opt-in-bwd+offload+chunked", {"in_backward": True, "offload": True,
-                                                               "mlp_chunk": 2048}))
+                                                               "mlp_chunk": 2048}),
+                               ("opt-in-bwd+offload+chunked1024", {"in_backward": True, "offload": True,
+                                                                   "mlp_chunk": 1024}))
         for cached in (False, True)
         if not compiled_ or lever.startswith("opt-in-bwd+offload")
     ]
