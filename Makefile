@@ -34,7 +34,7 @@ bench:
 	$(BIN)/python benchmarks/dpo_vs_trl.py
 
 lint:
-	$(BIN)/ruff check align_cli losses kernels tests
+	$(BIN)/ruff check align_cli losses logprob_kernels tests
 
 clean:
 	rm -rf runs build dist *.egg-info

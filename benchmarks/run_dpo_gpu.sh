@@ -17,7 +17,7 @@ python3 -c "import sys, pyarrow; from packaging.version import Version as V; pri
 [ -n "$SKIP_INSTALL" ] && [ -d /tmp/site/align_cli ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation --target /tmp/site \
     "$WHEELS"/*.whl $EXTRA "$REPO" 2>&1 | grep -v "WARNING: Target directory" || true
 export PYTHONPATH=/tmp/site
-cd /tmp || exit 1  # away from the checkout's align_cli/, which lacks the installed kernels/ and losses/
+cd /tmp || exit 1  # away from the checkout's align_cli/, which lacks the installed kernels and losses
 python3 -c "import torch, transformers, trl, datasets, accelerate, triton, align_cli.kernels; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'trl', trl.__version__, 'datasets', datasets.__version__, 'accelerate', accelerate.__version__, 'triton', triton.__version__)" || exit 1
 [ -n "$SKIP_TESTS" ] || python3 -m pytest "$REPO/tests/test_packing.py" -m gpu -q -s -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" 2>&1 | tee "$OUT/tests.log"
 python3 "$REPO/benchmarks/dpo_vs_trl.py" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"

@@ -10,10 +10,10 @@ OUT=${OUT:-$REPO/benchmark-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/trl-*.whl .whl/liger_kernel-*.whl || exit 1
-# align_cli.kernels without importing the rest of the application (kernels/ installs as align_cli.kernels).
+# align_cli.kernels without importing the rest of the application (logprob_kernels/ installs as align_cli.kernels).
 mkdir -p /tmp/align/align_cli && cp align_cli/__init__.py /tmp/align/align_cli/ && cp -r kernels /tmp/align/align_cli/kernels
 export PYTHONPATH=/tmp/align:/tmp/site
-cd /tmp || exit 1  # away from the checkout's align_cli/, which has no kernels/ inside
+cd /tmp || exit 1  # away from the checkout's align_cli/, which has no kernels/ inside (they install there from logprob_kernels/)
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, triton, trl, liger_kernel, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 timeout 270 python3 -m pytest "$REPO/tests/test_kernels.py" -q -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \

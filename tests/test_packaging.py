@@ -1,4 +1,4 @@
-"""losses/ and kernels/ install under align_cli (never as top-level `losses` / `kernels`), in both
+"""losses/ and logprob_kernels/ install under align_cli (never as top-level `losses` / `kernels`), in both
 an editable install (this environment) and a wheel; the recipes and builtin data ship inside."""
 
 import subprocess
@@ -14,9 +14,19 @@ def test_editable_install_maps_the_folders():
     import align_cli.losses
 
     assert Path(align_cli.losses.__file__).parent == ROOT / "losses"
-    assert Path(align_cli.kernels.__file__).parent == ROOT / "kernels"
+    assert Path(align_cli.kernels.__file__).parent == ROOT / "logprob_kernels"
     done = subprocess.run([sys.executable, "-c", "import losses"], capture_output=True, cwd="/")
     assert done.returncode != 0, "`losses` must not be importable as a top-level name"
+
+
+def test_no_folder_of_the_repository_stands_in_for_the_hub_kernels_package():
+    """transformers (5.25 on) imports Hugging Face's `kernels` package whenever it is installed; a `kernels/` folder
+    at the repository root would be found in its place by anything started there with `python -m` or `-c` (the
+    current directory comes first on sys.path), and every transformers import would fail."""
+    probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else None)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert not done.stdout.strip().startswith(str(ROOT)), done.stdout
 
 
 def test_wheel_contains_and_imports_the_subpackages(tmp_path):
@@ -27,7 +37,7 @@ def test_wheel_contains_and_imports_the_subpackages(tmp_path):
     assert "align_cli/losses/__init__.py" in names and "align_cli/kernels/__init__.py" in names
     assert "align_cli/recipes/dpo.yaml" in names
     assert "align_cli/builtin_data/arithmetic_pairs.train.jsonl" in names
-    assert not any(n.startswith(("losses/", "kernels/")) for n in names)
+    assert not any(n.startswith(("losses/", "kernels/", "logprob_kernels/")) for n in names)
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     probe = ("import align_cli.losses as l, align_cli.kernels as k, align_cli.recipe as r;"
