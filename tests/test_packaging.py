@@ -26,7 +26,8 @@ def test_no_folder_of_the_repository_stands_in_for_the_hub_kernels_package():
     probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else None)"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    assert not done.stdout.strip().startswith(str(ROOT)), done.stdout
+    origin = done.stdout.strip()   # None, or the installed package (which may lie in a .venv inside the checkout)
+    assert origin == "None" or Path(origin).parent.parent != ROOT, origin
 
 
 def test_wheel_contains_and_imports_the_subpackages(tmp_path):
