@@ -52,8 +52,7 @@ def padded_layout(segments: torch.Tensor, varlen: VarlenLayout) -> PaddedLayout:
     count = len(varlen.query_lengths)
     first_tokens = varlen.cu_seq_q[:-1].long()
     context_starts = varlen.k_index[varlen.cu_seq_k[:-1].long()] if varlen.k_index is not None else first_tokens
-    ids, context_at = torch.stack([segments[first_tokens], context_starts]).tolist()
-    starts = varlen.cu_seq_q[:-1].tolist()
+    ids, context_at, starts = torch.stack([segments[first_tokens], context_starts, first_tokens]).tolist()
     index_at = {start: j for j, start in enumerate(starts)}
     contexts = [varlen.key_lengths[j] - varlen.query_lengths[j] for j in range(count)]
     covered = {index_at[context_at[j]] for j in range(count) if contexts[j]}  # prompts some completion gives
