@@ -31,8 +31,8 @@ class ModelConfig(Section):
                           "packed rows: `align_packed` (per batch FlexAttention, flash varlen or the padded batch, "
                           "whichever measured fastest for the batch's shape bucket), `align_flex` (FlexAttention), "
                           "`align_varlen` (flash varlen; bf16/fp16, head dim <= 256), `align_padded` (the row as a "
-                          "right-padded batch through SDPA's causal kernel, cuDNN's on Hopper). None: `align_packed` with packing on CUDA, else the "
-                          "model's default (docs/throughput.md).")
+                          "right-padded batch through SDPA's causal kernel, cuDNN's on Hopper). None: "
+                          "`align_packed` with packing on CUDA, else the model's default (docs/throughput.md).")
     tokenizer: Optional[str] = Field(None, description="Tokenizer location if it differs from `name`.")
 
 

@@ -5,9 +5,9 @@ SDPA for padded batches and for generation with a KV cache, so held-out evaluati
 kernels and masks):
 
 - `align_packed` (the GPU default with packing): per batch, FlexAttention, flash varlen or the padded batch,
-  whichever measured fastest for the batch's shape bucket (`attention_choice.py`: the first batch of each bucket times one attention
-  call forward and backward of each, the winner is kept for the bucket, printed once and listed in
-  summary.json's `attention`). Varlen is tried only where the flash kernel takes the inputs (bf16 / fp16, head
+  whichever measured fastest for the batch's shape bucket (`attention_choice.py`: the first batch of each
+  bucket times one attention call forward and backward of each, the winner is kept for the bucket, printed once
+  and listed in summary.json's `attention`). Varlen is tried only where the flash kernel takes the inputs (bf16 / fp16, head
   dim <= 256 and a multiple of 8, sm80+); on CPU the candidates are the dense mask, the varlen reference and the
   padded batch.
 - `align_flex` (forces FlexAttention; `flex_attention` is transformers' own path to the same mask): a
@@ -57,7 +57,8 @@ BLOCK = 128
 def register_backend() -> str:
     """Register the `align_*` backends with transformers (idempotent) and return the default, `align_packed`.
     They share one attention function, which runs what it is handed: varlen for a `VarlenLayout` keyword, the
-    padded batch for a `PaddedLayout` one, FlexAttention for a `BlockMask`, SDPA otherwise (padded batches, generation with a KV cache); which one a
+    padded batch for a `PaddedLayout` one, FlexAttention for a `BlockMask`, SDPA otherwise (padded batches,
+    generation with a KV cache); which one a
     packed row gets is `model_inputs`' choice, by the backend's name."""
     from torch.nn.attention.flex_attention import BlockMask
     from transformers import AttentionInterface

@@ -201,7 +201,7 @@ def prepare_for_backward(policy, training: TrainingConfig) -> int:
 
 def model_config_for(model: ModelConfig, training: TrainingConfig) -> ModelConfig:
     """The model settings to load with: packing on CUDA without a chosen backend takes `align_packed`
-    (per batch FlexAttention or flash varlen on packed rows, by measured cost; SDPA on padded batches and in
+    (per batch FlexAttention, flash varlen or the padded batch on packed rows, by measured cost; SDPA on padded batches and in
     generation; align_cli/packed_attention.py)."""
     from .packed_attention import ALIGN_BACKENDS, register_backend
 
