@@ -455,20 +455,22 @@ class Partner:
 
 def compile_mode() -> str:
     """`ALIGN_FAST_COMPILE`: `auto` (compile the decode step on CUDA), `1` (also on CPU), `0` (never),
-    `autotune` (on CUDA, with inductor's GEMM autotuning: `AUTOTUNE`)."""
+    `autotune` (on CUDA, with inductor's GEMM autotuning: `AUTOTUNE`), `combo` (on CUDA, with inductor's
+    horizontal fusion: `COMBO`)."""
     value = os.environ.get("ALIGN_FAST_COMPILE", "auto").strip().lower()
     return {"1": "on", "true": "on", "on": "on", "0": "off", "false": "off", "off": "off",
-            "autotune": "autotune", "max-autotune": "autotune"}.get(value, "auto")
+            "autotune": "autotune", "max-autotune": "autotune", "combo": "combo"}.get(value, "auto")
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_forward(backend, mode: str | None):
+def _compiled_forward(backend, mode: str | None, options: tuple = ()):
     """`_decode_forward` under torch.compile, one wrapper per (backend, mode). fullgraph: a graph break would
     leave the step as several graphs with Python between them; failing loudly lets the caller fall back to
     the uncompiled step instead. Shapes: static at the first batch size, automatically dynamic from the second
     on (one more compile covers every smaller batch and every slot length, where `dynamic=False` would compile
     each batch bucket and each prompt length of an RL run anew and soon hit dynamo's recompile limit)."""
-    return torch.compile(_decode_forward, backend=backend, mode=mode, fullgraph=True)
+    extra = {"options": dict(options)} if options else {}  # torch.compile takes a mode or options, not both
+    return torch.compile(_decode_forward, backend=backend, mode=mode, fullgraph=True, **extra)
 
 
 @dataclass(frozen=True)
@@ -478,11 +480,16 @@ class Compile:
 
     backend: object = "inductor"   # a torch.compile backend: its name or a callable
     mode: str | None = None   # None: inductor's default (no autotuning: tens of seconds, not minutes)
+    options: tuple = ()       # inductor config (name, value) pairs, with mode None (torch.compile's `options`)
 
 
 # Inductor's GEMM autotuning (Triton templates against cuBLAS, with fused epilogues) without its own CUDA graphs:
 # the step is captured whole by `_DecodeStep` instead.
 AUTOTUNE = Compile(mode="max-autotune-no-cudagraphs")
+# Fewer launches per step at a small batch, where the step is launch-bound (benchmarks/RESULTS.md, call 6: ~400
+# kernels of ~3.5 us): combo kernels put independent pointwise / reduction kernels (the k and v cache writes,
+# q and k rotary) into one launch; aggressive fusion fuses nodes that share no buffer read.
+COMBO = Compile(options=(("combo_kernels", True), ("aggressive_fusion", True)))
 
 
 class _DecodeStep:
@@ -508,7 +515,7 @@ class _DecodeStep:
                 t.copy_(value)
 
         if compile is not None:
-            compiled = _compiled_forward(compile.backend, compile.mode)
+            compiled = _compiled_forward(compile.backend, compile.mode, compile.options)
             began = time.perf_counter()
             try:
                 self.forward = compiled
@@ -591,10 +598,10 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
         cuda_graph = device.type == "cuda"
     if compile_step is None:
         chosen = compile_mode()
-        if chosen == "autotune" and device.type == "cuda":
-            compile_step = AUTOTUNE
+        if chosen in ("autotune", "combo") and device.type == "cuda":
+            compile_step = AUTOTUNE if chosen == "autotune" else COMBO
         else:
-            compile_step = chosen == "on" or (chosen in ("auto", "autotune") and device.type == "cuda")
+            compile_step = chosen == "on" or (chosen in ("auto", "autotune", "combo") and device.type == "cuda")
     compile_options = Compile() if compile_step is True else (compile_step or None)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

@@ -4,8 +4,8 @@ Backends (`model.attn_implementation`; all three `align_*` names are registered 
 SDPA for padded batches and for generation with a KV cache, so held-out evaluation and sampling keep SDPA's
 kernels and masks):
 
-- `align_packed` (the GPU default with packing): per batch, FlexAttention, flash varlen or the padded batch,
-  whichever measured fastest for the batch's shape bucket (`attention_choice.py`: the first batch of each
+- `align_packed` (the GPU default with packing): per batch, FlexAttention, flash varlen or the padded batch
+  (with grouped key/value heads, repeated or through SDPA's `enable_gqa`), whichever measured fastest for the batch's shape bucket (`attention_choice.py`: the first batch of each
   bucket times one attention call forward and backward of each, the winner is kept for the bucket, printed once
   and listed in summary.json's `attention`). Varlen is tried only where the flash kernel takes the inputs (bf16 / fp16, head
   dim <= 256 and a multiple of 8, sm80+); on CPU the candidates are the dense mask, the varlen reference and the
@@ -23,7 +23,8 @@ kernels and masks):
   that transformers' mask builder hands on unchanged (a 4-D mask), so no `[T, T]` mask is ever built.
 - `align_padded` (forces the padded batch): the row unpacked into a right-padded `[B, L]` batch, one row per
   sequence (a completion with its prompt in front), through SDPA's causal kernel (cuDNN's on Hopper, which beats
-  the varlen kernel where the row has little padding to remove: `padded_attention.py`).
+  the varlen kernel where the row has little padding to remove: `padded_attention.py`); grouped key/value heads
+  repeated, which every SDPA kernel takes.
 - `sdpa` / `eager` (CPU, or by choice): an explicit `[1, 1, T, T]` mask, boolean for SDPA, additive
   for eager. Exact, but memory and time grow with T^2: meant for CPU and short rows.
 - `flash_attention_2` / `flash_attention_3`: no mask; transformers reads the sequence boundaries
@@ -34,6 +35,8 @@ transformers passes a 4-D mask or a `BlockMask` through to the attention functio
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -193,8 +196,8 @@ def model_inputs(model, batch: PackedSequenceBatch) -> dict:
     if kind == "varlen":
         layout = packed_layout(batch)
         return {**inputs, "attention_mask": layout.placeholder, VARLEN_KWARG: layout}
-    if kind == "padded":
-        padded = packed_padded_layout(batch)
+    if kind in ("padded", "padded_gqa"):
+        padded = packed_padded_layout(batch, native_gqa=kind == "padded_gqa")
         return {**inputs, "attention_mask": padded.placeholder, PADDED_KWARG: padded}
     if kind == "flex":
         return {**inputs, "attention_mask": packed_block_mask(batch)}
@@ -204,7 +207,8 @@ def model_inputs(model, batch: PackedSequenceBatch) -> dict:
 
 
 def attention_kind(model, batch: PackedSequenceBatch, implementation: str) -> str:
-    """"varlen", "padded", "flex" or "dense": what the packed row runs under `implementation`."""
+    """"varlen", "padded", "padded_gqa", "flex" or "dense": what the packed row runs under `implementation`
+    (forced `align_padded` repeats grouped heads, the layout every SDPA kernel takes)."""
     if implementation in ("flex_attention", FLEX_BACKEND):
         return "flex"
     if implementation == PADDED_BACKEND:
@@ -225,8 +229,9 @@ def attention_kind(model, batch: PackedSequenceBatch, implementation: str) -> st
 def measured_kind(model, batch: PackedSequenceBatch) -> str:
     """`align_packed`'s choice for this batch's bucket, measured the first time the bucket is seen
     (`attention_choice.py`). CUDA: FlexAttention, flash varlen where the kernel takes the inputs, and the padded
-    batch; CPU: the dense mask, the varlen reference and the padded batch. Compared on the row's real tokens (the
-    padded batch leaves the trailing padding's outputs at zero)."""
+    batch (with grouped heads also `padded_gqa`: SDPA's enable_gqa); CPU: the dense mask, the varlen reference and
+    the padded batches. Compared on the row's real tokens (the padded batch leaves the trailing padding's outputs
+    at zero)."""
     heads, kv_heads, head_dim, dtype = attention_shape(model)
     device, length = batch.input_ids.device, batch.input_ids.shape[1]
     bucket = bucket_of(length, batch.num_sequences, batch.shares_prompts, heads, kv_heads, head_dim, dtype, device)
@@ -248,6 +253,9 @@ def measured_kind(model, batch: PackedSequenceBatch) -> str:
     if "varlen" not in unavailable:
         forwards["varlen"] = lambda q, k, v: varlen_attention_forward(q, k, v, packed_layout(batch), scale)
     forwards["padded"] = lambda q, k, v: padded_attention_forward(q, k, v, packed_padded_layout(batch), scale)
+    if heads != kv_heads:
+        forwards["padded_gqa"] = lambda q, k, v: padded_attention_forward(
+            q, k, v, packed_padded_layout(batch, native_gqa=True), scale)
     real = (batch.segments != PADDING_SEGMENT).nonzero().squeeze(1)
     return CHOOSER.choose(bucket, lambda: attention_trials(forwards, heads, kv_heads, head_dim, length, dtype, device,
                                                            real), unavailable)
@@ -259,10 +267,11 @@ def packed_layout(batch: PackedSequenceBatch) -> VarlenLayout:
     return batch._attention["varlen"]
 
 
-def packed_padded_layout(batch: PackedSequenceBatch) -> PaddedLayout:
+def packed_padded_layout(batch: PackedSequenceBatch, native_gqa: bool = False) -> PaddedLayout:
     if "padded" not in batch._attention:
         batch._attention["padded"] = padded_layout(batch.segments, packed_layout(batch))
-    return batch._attention["padded"]
+    layout = batch._attention["padded"]
+    return dataclasses.replace(layout, native_gqa=True) if native_gqa else layout  # the same index tensors
 
 
 def packed_block_mask(batch: PackedSequenceBatch):

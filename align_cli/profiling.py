@@ -114,3 +114,99 @@ class RunStepProfile(StepProfiler):
             staging.write_text(json.dumps(summary, indent=1))
             staging.replace(self.path)  # whole or absent
         return summary
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+# Where an allocation is charged: its innermost Python frame in one of these (torch's own frames say less than
+# the model or trainer line that called them). Backward kernels run on autograd's thread, which has no Python
+# frame unless a custom Function's backward is Python: those allocations are `AUTOGRAD`.
+OWN_FRAMES = ("align_cli", "logprob_kernels", "losses", "transformers", "trl", "peft", "benchmarks",
+              "torch/optim", "torch/utils/checkpoint", "accelerate")
+AUTOGRAD = "<backward kernels (autograd's thread, no Python frame)>"
+BEFORE = "<allocated before recording (weights, optimiser states, ...)>"
+
+
+def charged_frame(frames: list[dict]) -> str:
+    """`file:line function` of the innermost frame in `OWN_FRAMES` (frames innermost first, as torch records
+    them), else the innermost frame, else `AUTOGRAD`."""
+    chosen = next((f for f in frames if any(part in f.get("filename", "") for part in OWN_FRAMES)), None)
+    chosen = chosen or (frames[0] if frames else None)
+    if chosen is None:
+        return AUTOGRAD
+    path = chosen.get("filename", "?").replace("\\", "/")
+    short = "/".join(path.split("/")[-2:])
+    return f"{short}:{chosen.get('line', '?')} {chosen.get('name', '?')}"
+
+
+def peak_breakdown(events: list[dict], allocated_before: int, top: int = 15) -> dict:
+    """What was live at the peak of a recorded allocation trace (`torch.cuda.memory._snapshot()["device_traces"]`
+    of one device): the peak in GiB, the bytes live then per `charged_frame`, and the allocation that reached it.
+
+    `allocated_before` is `torch.cuda.memory_allocated()` when recording began: those blocks have no event; a
+    free of an address the trace never allocated comes out of them. Frees count when completed (what
+    `memory_allocated` counts)."""
+    def replay(stop: int | None):
+        live, total, before, peak, at = {}, allocated_before, allocated_before, allocated_before, -1
+        for index, event in enumerate(events):
+            if stop is not None and index > stop:
+                break
+            action, address, size = event.get("action"), event.get("addr"), event.get("size", 0)
+            if action == "alloc":
+                live[address] = (size, event.get("frames", []))
+                total += size
+            elif action == "free_completed":
+                if address in live:
+                    total -= live.pop(address)[0]
+                else:
+                    total, before = total - size, before - size
+            if total > peak:
+                peak, at = total, index
+        return live, before, peak, at
+
+    _, _, peak, at = replay(None)
+    live, before, _, _ = replay(at) if at >= 0 else ({}, allocated_before, 0, -1)
+    charged: dict[str, int] = {BEFORE: before}
+    for size, frames in live.values():
+        key = charged_frame(frames)
+        charged[key] = charged.get(key, 0) + size
+    rows = sorted(charged.items(), key=lambda item: -item[1])
+    reached_by = charged_frame(events[at].get("frames", [])) if at >= 0 else None
+    rest = sum(size for _, size in rows[top:])
+    return {"peak_bytes": peak, "peak_gib": round(peak / 2**30, 3), "events": len(events), "peak_event": at,
+            "reached_by": reached_by,
+            "live": [{"where": where, "bytes": size, "gib": round(size / 2**30, 3)} for where, size in rows[:top]],
+            "rest_bytes": rest, "rest_gib": round(rest / 2**30, 3)}
+
+
+class MemoryPeak:
+    """Records CUDA allocations (Python stacks) over loop steps `first`..`last` (`begin(k)` / `end(k)` around each
+    step, as `StepProfiler`), then `summary` is `peak_breakdown` of them. Nothing on CPU or when `first` is None.
+    Recording slows the steps it covers: the benchmarks run them after the timed ones."""
+
+    MAX_EVENTS = 2_000_000
+
+    def __init__(self, first: int | None, last: int | None = None):
+        self.first, self.last = first, first if last is None else last
+        self.summary, self._before, self._on = None, 0, False
+
+    def begin(self, step: int) -> None:
+        if self.first is None or step != self.first or not torch.cuda.is_available():
+            return
+        torch.cuda.synchronize()
+        self._before = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=self.MAX_EVENTS, stacks="python", clear_history=True)
+        self._on = True
+
+    def end(self, step: int) -> dict | None:
+        if not self._on or step != self.last:
+            return None
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        self._on = False
+        traces = snapshot.get("device_traces", [])
+        events = traces[torch.cuda.current_device()] if traces else []
+        self.summary = peak_breakdown(events, self._before)
+        self.summary["truncated"] = len(events) >= self.MAX_EVENTS
+        return self.summary

@@ -1,7 +1,7 @@
 """Benchmark: DPO training steps, TRL 1.16 DPOTrainer against ours, same GPU, same work (not a test).
 
     python benchmarks/dpo_vs_trl.py [--out DIR] [--quick] [--deadline SECONDS] [--only ...] [--variants ...]
-        [--profile-step K]
+        [--profile-step K] [--memory-peak]
 
 Models are random-init from config only (Qwen2.5-0.5B and Llama-3.2-1B shapes, bf16 weights). Data
 is synthetic: prompt 64-512 tokens, chosen and rejected 32-1024 each (uniform, random token ids, an
@@ -41,7 +41,10 @@ reference) and 6N with cached reference log-probs; N counts every parameter once
 once). Ours also reports `run tok/s`, the tokens it actually ran (each prompt once). Peak memory is the
 maximum allocated by torch during the run (weights, reference, optimizer states, activations), less
 what was allocated before it started. Times are per optimizer step with a CUDA sync; a run is warm-up
-steps, then 3 windows over the same unique batches; the table reports the median window.
+steps, then 3 windows over the same unique batches; the table reports the median window. --memory-peak runs
+the unique batches once more after the timed steps, recording every CUDA allocation (Python stacks), and puts
+what was live at that pass's peak, by the line that allocated it, in the JSONL's `memory_peak`
+(align_cli/profiling.py `peak_breakdown`); those steps count in no time or loss (the batches, so the peak, are the same).
 
 Scaling: Qwen shape, prompt 256, chosen = rejected length L in {256, 1024, 4096}, 4 pairs per step, and
 L = 16384 with 2 pairs per step (66k packed tokens; TRL pads each sequence to 16640).
@@ -65,7 +68,7 @@ import zlib
 
 import torch
 
-from align_cli.profiling import StepProfiler
+from align_cli.profiling import MemoryPeak, StepProfiler
 
 PEAK_FLOPS = 989e12
 PAD, EOS, UNK = 0, 1, 2
@@ -203,7 +206,7 @@ def peak_memory(device, baseline: int) -> float:
 
 def run_trl(
     spec: dict, schedule: list[list[dict]], settings: dict, device, dtype, *, cached: bool = False,
-    profile_step: int | None = None,
+    profile_step: int | None = None, memory_steps: tuple[int, int] | None = None,
 ) -> dict:
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
@@ -216,17 +219,20 @@ def run_trl(
 
     times, losses = [], []
     profiler = StepProfiler(profile_step)
+    recorder = MemoryPeak(*(memory_steps or (None,)))
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             sync(device)
             profiler.begin(len(times))
+            recorder.begin(len(times))
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             sync(device)
             times.append(time.perf_counter() - self.started)
             profiler.end(len(times) - 1)
+            recorder.end(len(times) - 1)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -292,7 +298,7 @@ def run_trl(
     peak = peak_memory(device, baseline)
     del trainer, model
     return {"times": times, "losses": losses, "peak_gib": peak, "parameters": parameters,
-            "profile": profiler.summary}
+            "profile": profiler.summary, "memory_peak": recorder.summary}
 
 
 # ----------------------------------------------------------------------------------------------- ours
@@ -313,6 +319,7 @@ def run_ours(
     mlp_chunk: int | None = None,
     attention: str | None = None,
     profile_step: int | None = None,
+    memory_steps: tuple[int, int] | None = None,
 ) -> dict:
     from accelerate import Accelerator
 
@@ -390,9 +397,11 @@ def run_ours(
     model.train()
     times, losses, run_tokens = [], [], []
     profiler = StepProfiler(profile_step)
+    recorder = MemoryPeak(*(memory_steps or (None,)))
     for step, rows in enumerate(schedule):
         sync(device)
         profiler.begin(step)
+        recorder.begin(step)
         started = time.perf_counter()
         batch = collate(rows, objective.policy_groups, PAD).to(device)
         loss, _, _ = objective_forward(model, batch, objective, reference, training.fused_logprobs)
@@ -409,6 +418,7 @@ def run_ours(
         sync(device)
         times.append(time.perf_counter() - started)
         profiler.end(step)
+        recorder.end(step)
         run_tokens.append(int(batch.sequences.attention_mask.sum()))
     peak = peak_memory(device, baseline)
     if stepper is not None:
@@ -427,6 +437,7 @@ def run_ours(
         "offloaded": offloaded,
         "attention": attention_report(),
         "profile": profiler.summary,
+        "memory_peak": recorder.summary,
     }
 
 
@@ -465,6 +476,8 @@ def summarise(name: str, result: dict, schedule, warmup: int, unique: int, flops
     }
     if result.get("profile"):  # --profile-step: that step's kernels (align_cli/profiling.py)
         summary["profile"] = result["profile"]
+    if result.get("memory_peak"):  # --memory-peak: what was live at the recorded pass's peak
+        summary["memory_peak"] = result["memory_peak"]
     if result.get("run_tokens"):  # the same windows, counting the tokens ours ran (each prompt once)
         summary["run_tokens_per_second"] = statistics.median(window_rates(result["run_tokens"]))
         summary["precompute_seconds"] = result.get("precompute_seconds")
@@ -533,6 +546,9 @@ def main():
     parser.add_argument("--variants", default=None, help="comma-separated variant names (e.g. 'trl,ours opt-in-bwd')")
     parser.add_argument("--profile-step", type=int, default=None,
                         help="profile this step (0-based) of every variant: its CUDA kernels, in the JSONL's 'profile'")
+    parser.add_argument("--memory-peak", action="store_true",
+                        help="one more pass over the unique batches, after the timed steps, with every CUDA "
+                             "allocation recorded: what was live at its peak, in the JSONL's 'memory_peak'")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
@@ -617,7 +633,9 @@ def main():
             unique * pairs, shape["vocab_size"], seed=zlib.crc32(experiment.encode()), **data
         )
         batches = [rows[i * pairs : (i + 1) * pairs] for i in range(unique)]
-        schedule = [batches[k % unique] for k in range(warmup + unique * windows)]
+        timed = warmup + unique * windows
+        schedule = [batches[k % unique] for k in range(timed + (unique if args.memory_peak else 0))]
+        memory_steps = (timed, timed + unique - 1) if args.memory_peak else None
         settings = {"pairs": pairs, "max_length": max_length, "lr": 1e-6, "checkpointing": True}
         for name, options in variants:
             if time.time() - started > args.deadline:
@@ -628,9 +646,13 @@ def main():
             begun = time.time()
             try:
                 run = run_trl if name.startswith("trl") else run_ours
-                result = run(spec, schedule, settings, device, dtype, profile_step=args.profile_step, **options)
+                result = run(spec, schedule, settings, device, dtype, profile_step=args.profile_step,
+                             memory_steps=memory_steps, **options)
+                for key in ("times", "losses", "run_tokens"):  # the recorded pass counts in no rate or loss
+                    if key in result:
+                        result[key] = result[key][:timed]
                 flops = 6 if options.get("cached") else 8
-                summary = summarise(name, result, schedule, warmup, unique, flops)
+                summary = summarise(name, result, schedule[:timed], warmup, unique, flops)
             except Exception as error:  # noqa: BLE001 -- one failed variant must not lose the others
                 traceback.print_exc()
                 summary = {"name": name, "error": f"{type(error).__name__}: {error}"}

@@ -16,6 +16,7 @@ Paths (`ALIGN_FAST_GENERATION` is read by `fast_generation.mode()` at each `gene
   `ALIGN_FAST_GENERATION=1` (the fast path on CPU, uncompiled, no graphs): a check that both paths run, not a
   timing;
 - `ours_autotune`: `ours` with `ALIGN_FAST_COMPILE=autotune` (inductor's GEMM autotuning in the decode step).
+- `ours_combo`: `ours` with `ALIGN_FAST_COMPILE=combo` (inductor's combo kernels and aggressive fusion in it).
 Each run counts its calls of `fast_generate` and of transformers `generate` (the real functions, wrapped to
 count), so the JSON shows which path each run took.
 
@@ -71,7 +72,7 @@ SHAPES = {
 }
 TOKENIZER_MODEL = "builtin:smollm2-135m-instruct"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "grpo.yaml"
-PATHS = ("today", "ours", "ours_autotune")
+PATHS = ("today", "ours", "ours_autotune", "ours_combo")
 STEP_FIELDS = ("step", "step_seconds", "generation_seconds", "completion_length/mean", "completion/truncated",
                "tokens_per_second", "loss", "reward/mean")
 
@@ -142,7 +143,8 @@ def path_environment(path: str, on_gpu: bool) -> dict[str, str]:
     if path == "today":
         return {"ALIGN_FAST_GENERATION": "0"}
     fast = {"ALIGN_FAST_GENERATION": "auto" if on_gpu else "1"}  # off CUDA, `auto` would fall back to generate
-    return {**fast, "ALIGN_FAST_COMPILE": "autotune"} if path == "ours_autotune" else fast
+    modes = {"ours_autotune": "autotune", "ours_combo": "combo"}
+    return {**fast, "ALIGN_FAST_COMPILE": modes[path]} if path in modes else fast
 
 
 @contextlib.contextmanager

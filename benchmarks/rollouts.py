@@ -14,7 +14,8 @@ to and including its EOS. Each (method, case) runs once untimed (compilation, gr
 `--warmup` says so, then `--repeats` times timed (the median is reported). `ours` is the uncompiled decode
 step, `ours_compiled` the one compiled before capture (its warm-up's stats hold the compile seconds; q/k/v and gate/up
 fused as on CUDA by default, `ours_compiled_unfused` without that, `ours_compiled_autotune` with inductor's
-GEMM autotuning, `max-autotune-no-cudagraphs`); `ours_hapo`
+GEMM autotuning, `max-autotune-no-cudagraphs`, `ours_compiled_combo` with its combo kernels and aggressive
+fusion, `fast_generation.COMBO`); `ours_hapo`
 and `ours_apo` the compiled step with HAPO's adaptive temperature and with APO's extrapolated logits.
 """
 
@@ -135,10 +136,10 @@ def ours(model, prompts, lengths, new_tokens, compiled: bool | str = False, samp
 
     adaptive = AdaptiveSampling(0.3, "paper", EntropyStats(1.0, 0.5, 2.0, -2.0)) if sampler == "hapo" else None
     extrapolation = (partner_model(model), 0.5) if sampler == "apo" else None
-    if compiled == "max-autotune":  # the decode step's GEMMs autotuned; no CUDA graphs of inductor's own
-        from align_cli.fast_generation import AUTOTUNE
+    if compiled in ("max-autotune", "combo"):  # GEMMs autotuned (no CUDA graphs of inductor's own), or combo kernels
+        from align_cli.fast_generation import AUTOTUNE, COMBO
 
-        compiled = AUTOTUNE
+        compiled = AUTOTUNE if compiled == "max-autotune" else COMBO
     out = fast_generate(model, prompts, GROUP, new_tokens, Sampling(1.0, 1.0, 0, adaptive), {EOS}, lengths=lengths,
                         compile_step=compiled, extrapolation=extrapolation, fuse=fuse)
     return sum(len(t) for t in out.tokens), out.stats
@@ -221,6 +222,7 @@ def run_case(model, method, sequences, new_tokens, spread, warmup, repeats: int 
         "ours_compiled_unfused": lambda: ours(model, prompts, lengths, new_tokens, compiled=True, fuse=False),
         # inductor's GEMM autotuning (Triton templates with fused epilogues where they win; minutes to compile)
         "ours_compiled_autotune": lambda: ours(model, prompts, lengths, new_tokens, compiled="max-autotune"),
+        "ours_compiled_combo": lambda: ours(model, prompts, lengths, new_tokens, compiled="combo"),
         # the two samplers with a fast-path equivalent of a logits processor, compiled
         "ours_hapo": lambda: ours(model, prompts, lengths, new_tokens, compiled=True, sampler="hapo"),
         "ours_apo": lambda: ours(model, prompts, lengths, new_tokens, compiled=True, sampler="apo"),
@@ -309,7 +311,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="greedy agreement of ours with generate first")
     parser.add_argument("--warmup", nargs="*",
                         default=["static_compile", "hf_cb", "ours", "ours_compiled", "ours_compiled_unfused",
-                                 "ours_compiled_autotune", "ours_hapo", "ours_apo"])
+                                 "ours_compiled_autotune", "ours_compiled_combo", "ours_hapo", "ours_apo"])
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (tokens_per_s: their median)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip cases once this much time has passed")
     parser.add_argument("--profile", nargs="*", default=[], help="methods whose cases get one profiled run more")

@@ -296,7 +296,7 @@ def test_inductor_compiled_greedy_decode_gives_the_uncompiled_tokens():
 
 def test_compile_setting_from_the_environment(monkeypatch):
     for value, expected in (("0", "off"), ("1", "on"), ("auto", "auto"), ("", "auto"),
-                            ("autotune", "autotune"), ("max-autotune", "autotune")):
+                            ("autotune", "autotune"), ("max-autotune", "autotune"), ("combo", "combo")):
         monkeypatch.setenv("ALIGN_FAST_COMPILE", value)
         assert fast_generation.compile_mode() == expected
 

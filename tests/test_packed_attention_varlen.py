@@ -1,5 +1,7 @@
 """The varlen and padded-batch layouts of packed rows, their attention, and `align_packed`'s measured choice."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,8 +110,8 @@ def test_reference_varlen_equals_dense_mask_attention(share_prompt, heads, kv_he
 
 
 @pytest.mark.parametrize("share_prompt", [True, False])
-@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2)])
-def test_padded_batch_equals_dense_mask_attention_on_real_tokens(share_prompt, heads, kv_heads):
+@pytest.mark.parametrize("heads, kv_heads, native_gqa", [(4, 4, False), (6, 2, False), (6, 2, True)])
+def test_padded_batch_equals_dense_mask_attention_on_real_tokens(share_prompt, heads, kv_heads, native_gqa):
     batch = pack_sequences(random_examples(4, seed=11), GROUPS, pad_id=0, share_prompt=share_prompt)
     length, dim, scale = batch.segments.numel(), 16, 0.3
     real = batch.segments != PADDING_SEGMENT
@@ -119,6 +121,7 @@ def test_padded_batch_equals_dense_mask_attention_on_real_tokens(share_prompt, h
               for h in (heads, kv_heads, kv_heads)]
     grad = torch.randn(1, length, heads, dim, generator=generator) * real[None, :, None, None]  # no loss on padding
     layout = padded_layout(batch.segments, varlen_layout(batch.segments, batch.context))
+    layout = dataclasses.replace(layout, native_gqa=native_gqa)  # grouped heads repeated, or SDPA's enable_gqa
     output = padded_attention_forward(*inputs, layout, scale)
     grads = torch.autograd.grad(output, inputs, grad)
     expected = F.scaled_dot_product_attention(*inputs, attn_mask=dense_mask(batch.segments, batch.context),
@@ -136,22 +139,29 @@ def checkpointed(model):
     return model
 
 
-@pytest.mark.parametrize("implementation", ["align_varlen", "align_padded"])
+@pytest.mark.parametrize("implementation", ["align_varlen", "align_padded", "padded_gqa"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_tiny_models_through_varlen_equal_the_dense_path(family, compiled, implementation):
+def test_tiny_models_through_varlen_equal_the_dense_path(family, compiled, implementation, monkeypatch):
     """Gradient checkpointing, and regional compilation (aot_eager) of the decoder layers, on top of each model's
-    own attention call: the layout keyword reaches every layer's attention call, recompute included."""
+    own attention call: the layout keyword reaches every layer's attention call, recompute included. `padded_gqa`:
+    align_packed's choice made that candidate (the tiny models' 4 query heads share 2 key/value heads)."""
+    from align_cli import packed_attention
     from align_cli.compilation import compile_layers
 
     register_backend()
-    dense, varlen = checkpointed(tiny_model(family, "sdpa")), checkpointed(tiny_model(family, implementation))
+    if implementation == "padded_gqa":
+        monkeypatch.setattr(packed_attention, "measured_kind", lambda model, batch: "padded_gqa")
+    backend = "align_packed" if implementation == "padded_gqa" else implementation
+    dense, varlen = checkpointed(tiny_model(family, "sdpa")), checkpointed(tiny_model(family, backend))
     compilation = compile_layers(varlen, backend="aot_eager") if compiled else None
     for seed, share_prompt in ((1, True), (2, False)):
         examples = random_examples(5, seed=seed)
         expected = sequence_logps(dense, pack_groups(examples, GROUPS, 0, share_prompt).sequences)
         expected.sums.sum().backward()
         batch = pack_groups(examples, GROUPS, 0, share_prompt).sequences
+        if implementation == "padded_gqa":
+            assert packed_attention.model_inputs(varlen, batch)[PADDED_KWARG].native_gqa
         got = sequence_logps(varlen, batch)
         got.sums.sum().backward()
         # no [T, T] mask was built (the padded layout is derived from the varlen one)
@@ -182,14 +192,17 @@ def test_chooser_measures_each_bucket_once_and_leaves_training_untouched():
     rows = random_examples(6, seed=8, prompt=(20, 40), completion=(20, 30))
     batch = pack_groups(rows[:3], GROUPS, 0, True).sequences
     rng = torch.get_rng_state()
-    kind = list(model_inputs(model, batch))
+    inputs = model_inputs(model, batch)
     assert torch.equal(torch.get_rng_state(), rng)  # no draw from the global stream
     assert all(p.grad is None for p in model.parameters())
     [decision] = CHOOSER.report()
-    assert set(decision["milliseconds"]) == {"dense", "varlen", "padded"}  # CPU: the candidates that run here
+    # CPU: the candidates that run here (grouped heads: 4 query, 2 key/value, so both padded batches)
+    assert set(decision["milliseconds"]) == {"dense", "varlen", "padded", "padded_gqa"}
     assert decision["chosen"] == min(decision["milliseconds"], key=decision["milliseconds"].get)
-    assert (VARLEN_KWARG in kind) == (decision["chosen"] == "varlen")
-    assert (PADDED_KWARG in kind) == (decision["chosen"] == "padded")
+    assert (VARLEN_KWARG in inputs) == (decision["chosen"] == "varlen")
+    assert (PADDED_KWARG in inputs) == decision["chosen"].startswith("padded")
+    if PADDED_KWARG in inputs:
+        assert inputs[PADDED_KWARG].native_gqa == (decision["chosen"] == "padded_gqa")
     same_bucket = pack_groups(rows[3:], GROUPS, 0, True).sequences
     assert bucket_of(same_bucket.input_ids.shape[1], same_bucket.num_sequences, True, 4, 2, 16, torch.float32,
                      torch.device("cpu")) == bucket_of(batch.input_ids.shape[1], batch.num_sequences, True, 4, 2,

@@ -62,3 +62,51 @@ def test_a_profile_step_past_the_last_step_is_refused(tiny_recipe):
     with pytest.raises(UserError) as error:
         load_recipe(str(tiny_recipe()), ["logging.profile_step=9"])  # the tiny recipe runs 4 steps
     assert "logging.profile_step (9)" in str(error.value) and "training.max_steps (4)" in str(error.value)
+
+
+def _frame(filename, line, name):
+    return {"filename": filename, "line": line, "name": name}
+
+
+MODEL = _frame("/site/transformers/models/llama/modeling_llama.py", 150, "forward")
+TORCH = _frame("/site/torch/nn/functional.py", 2000, "silu")
+KERNEL = _frame("/repo/logprob_kernels/triton_logprobs.py", 140, "backward")
+
+
+def test_peak_breakdown_charges_what_was_live_at_the_peak():
+    """A hand-made trace: 100 bytes before recording; the model allocates 50 then 30, frees the 50, the kernel
+    allocates 40 (100 + 30 + 40 = 170, below the 180 reached at the 30), then a block from
+    before recording (20 bytes) is freed. The peak is 180 bytes, live then: before 100, model 80 (both blocks)."""
+    from align_cli.profiling import BEFORE, peak_breakdown
+
+    events = [
+        {"action": "alloc", "addr": 1, "size": 50, "frames": [TORCH, MODEL]},
+        {"action": "alloc", "addr": 2, "size": 30, "frames": [MODEL]},
+        {"action": "free_requested", "addr": 1, "size": 50},
+        {"action": "free_completed", "addr": 1, "size": 50},
+        {"action": "alloc", "addr": 3, "size": 40, "frames": [KERNEL]},
+        {"action": "free_completed", "addr": 99, "size": 20},
+        {"action": "alloc", "addr": 4, "size": 5, "frames": []},
+    ]
+    result = peak_breakdown(events, allocated_before=100)
+    assert result["peak_event"] == 1 and result["peak_bytes"] == 180
+    live = {row["where"]: row["bytes"] for row in result["live"]}
+    assert live == {BEFORE: 100, "llama/modeling_llama.py:150 forward": 80}  # torch's own frame is skipped
+    assert result["reached_by"] == "llama/modeling_llama.py:150 forward"
+
+
+def test_peak_breakdown_counts_frees_of_earlier_blocks_and_backward_kernels():
+    """After an earlier block (60 of the 100 before recording) is freed, later allocations on autograd's thread
+    (no Python frame) set a new peak: 40 before + 70 + 50 = 160 > 100."""
+    from align_cli.profiling import AUTOGRAD, peak_breakdown
+
+    events = [
+        {"action": "free_completed", "addr": 7, "size": 60},
+        {"action": "alloc", "addr": 1, "size": 70, "frames": []},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": [KERNEL]},
+    ]
+    result = peak_breakdown(events, allocated_before=100, top=1)
+    assert result["peak_event"] == 2
+    assert result["peak_bytes"] == 160
+    assert [(row["where"], row["bytes"]) for row in result["live"]] == [(AUTOGRAD, 70)]  # the largest; the rest summed
+    assert result["rest_bytes"] == 40 + 50
