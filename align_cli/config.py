@@ -43,6 +43,12 @@ class ReferenceConfig(Section):
         False, description="Compute reference log-probs once before training and cache them on disk, keyed by a hash "
                            "of the reference model, the data and the tokenisation settings; later runs with the same key reuse them.")
     cache_dir: Optional[str] = Field(None, description="Where reference log-prob caches live (default: the align cache, `$ALIGN_CACHE`).")
+    offload: bool = Field(
+        False, description="Keep the live reference model's weights in pinned host memory and copy them to the GPU "
+                           "for each step's reference forward only (overlapped with the policy's forward), so they are "
+                           "not on the GPU during backward, where memory peaks. Same results; one host-to-device "
+                           "copy of the weights per step. Needs a separate reference model (not LoRA's "
+                           "adapter-disabled policy) and one process or DDP (FSDP and DeepSpeed shard the reference).")
 
 
 class ColumnMap(Section):
@@ -537,6 +543,10 @@ class Recipe(Section):
         if self.data.max_prompt_length >= self.data.max_length:
             raise ValueError(f"data.max_prompt_length ({self.data.max_prompt_length}) must be smaller than "
                              f"data.max_length ({self.data.max_length}) to leave room for the completion")
+        if self.reference.offload and self.peft.enabled and self.reference.name is None:
+            raise ValueError("reference.offload has nothing to offload with LoRA: the reference is the policy with its "
+                             "adapter disabled, no second copy. Set reference.offload: false, or name a separate "
+                             "reference model in reference.name")
         profiled, steps = self.logging.profile_step, self.training.max_steps
         if profiled is not None and steps is not None and profiled > steps:
             raise ValueError(f"logging.profile_step ({profiled}) is past training.max_steps ({steps}): nothing would "

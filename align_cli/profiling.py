@@ -182,19 +182,33 @@ def peak_breakdown(events: list[dict], allocated_before: int, top: int = 15) -> 
 class MemoryPeak:
     """Records CUDA allocations (Python stacks) over loop steps `first`..`last` (`begin(k)` / `end(k)` around each
     step, as `StepProfiler`), then `summary` is `peak_breakdown` of them. Nothing on CPU or when `first` is None.
-    Recording slows the steps it covers: the benchmarks run them after the timed ones."""
+    `baseline`: bytes allocated before the measured run began, left out of the before-recording bucket (so the
+    peak compares with a benchmark's `max_memory_allocated - baseline`). Recording slows the steps it covers: the
+    benchmarks run them after the timed ones. A step that fails while recording: `fail(error)` stops recording
+    and says why in `summary` (torch 2.11 raises a SystemError when a compiled region runs inside activation
+    checkpointing while allocations are recorded, pytorch/pytorch#179536)."""
 
     MAX_EVENTS = 2_000_000
 
-    def __init__(self, first: int | None, last: int | None = None):
-        self.first, self.last = first, first if last is None else last
+    def __init__(self, first: int | None, last: int | None = None, baseline: int = 0):
+        self.first, self.last, self.baseline = first, first if last is None else last, baseline
         self.summary, self._before, self._on = None, 0, False
+
+    @property
+    def recording(self) -> bool:
+        return self._on
+
+    def fail(self, error: BaseException) -> None:
+        if self._on:
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self._on = False
+        self.summary = {"error": f"{type(error).__name__}: {error}"[:300]}
 
     def begin(self, step: int) -> None:
         if self.first is None or step != self.first or not torch.cuda.is_available():
             return
         torch.cuda.synchronize()
-        self._before = torch.cuda.memory_allocated()
+        self._before = torch.cuda.memory_allocated() - self.baseline
         torch.cuda.memory._record_memory_history(max_entries=self.MAX_EVENTS, stacks="python", clear_history=True)
         self._on = True
 

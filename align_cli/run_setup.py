@@ -22,6 +22,7 @@ from .data.sources import load_source
 from .distributed import engine_name, merge_lora_state_dict, shards_parameters
 from .errors import UserError
 from .models import apply_lora, freeze, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_location, unwrap
+from .reference_offload import HostResidentWeights
 from .run_dir import begin_writing, resolve_run_dir
 
 
@@ -45,10 +46,14 @@ class RunInputs:
     # CompiledLayers of the policy (and live reference) when they were.
     compilation: dict | None = None
     chunked_mlps: int = 0  # `training.mlp_chunk_tokens`: how many decoder MLPs run in chunks (chunked_mlp.py)
+    reference_weights: HostResidentWeights | None = None  # `reference.offload` (reference_offload.py)
 
     def memory_report(self) -> dict:
-        """summary.json's `memory` keys of the MLP chunking (the pairwise trainer adds its levers)."""
-        return {"mlp_chunk_tokens": self.recipe.training.mlp_chunk_tokens, "chunked_mlps": self.chunked_mlps}
+        """summary.json's `memory` keys of the MLP chunking and the reference's offload (the pairwise trainer adds
+        its levers)."""
+        offloaded = self.reference_weights.bytes if self.reference_weights is not None else 0
+        return {"mlp_chunk_tokens": self.recipe.training.mlp_chunk_tokens, "chunked_mlps": self.chunked_mlps,
+                "reference_offloaded_bytes": offloaded}
 
     def compile_report(self) -> dict | None:
         """summary.json's `compile`: enabled, why, backend, and the error a fallback to eager came from."""
@@ -178,17 +183,30 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
     compiled, why = compile_decision(recipe.training.compile, device_type=accelerator.device.type,
                                      engine=engine_name(accelerator))
     compilation = {"enabled": compiled, "why": why, "policy": compile_layers(policy) if compiled else None}
+    reference_weights = None
     if reference_model is None and needs_reference:
         reference_model = freeze(load_causal_lm(reference_name or recipe.model.name, model_config, dtype))
         if compiled and not recipe.reference.precompute:  # a precomputed reference runs once: not worth it
             compilation["reference"] = compile_layers(reference_model)
-        if not shards_parameters(accelerator):  # else sharded after the policy (distributed.prepare_reference)
+        if recipe.reference.offload:
+            refuse_sharded_reference_offload(accelerator)
+            reference_weights = HostResidentWeights(reference_model, accelerator.device)  # stays in host memory
+        elif not shards_parameters(accelerator):  # else sharded after the policy (distributed.prepare_reference)
             reference_model.to(accelerator.device)
     run = RunInputs(recipe, run_dir, accelerator, tokenizer, settings, train_data, eval_data, report, policy,
                     reference_model, context, resolve_model_location(reference_name or recipe.model.name), dtype,
-                    load_task_rows(recipe), compilation, chunked)
+                    load_task_rows(recipe), compilation, chunked, reference_weights)
     begin_writing(run_dir)  # everything loaded: an --overwrite's old run moves aside only now
     return run
+
+
+def refuse_sharded_reference_offload(accelerator) -> None:
+    """`reference.offload` under FSDP / ZeRO-3: refused before anything is written (the engine shards the reference
+    with the policy, so no process holds a whole copy to keep in host memory)."""
+    if shards_parameters(accelerator):
+        raise UserError(f"reference.offload keeps a whole reference model in host memory, but under "
+                        f"{engine_name(accelerator)} the reference is sharded with the policy. Set "
+                        f"reference.offload: false (the shards already spread it), or launch without FSDP / ZeRO-3.")
 
 
 def prepare_for_backward(policy, training: TrainingConfig) -> int:

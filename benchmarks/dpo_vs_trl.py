@@ -30,6 +30,9 @@ same batches in the same order (TRL's sampler made sequential), same initial wei
   ours offload  ours with training.offload_activations (checkpointed layer inputs in pinned CPU memory)
   ours opt-in-bwd+offload   both. Each of the three also cached, and both also compiled (Llama-3.2-1B shape
                 only; --quick: uncompiled). Pinned host memory is not in the GPU peak, which is the point
+  ours ref-offload   ours with reference.offload (the live reference's weights in pinned host memory, on the GPU
+                only for its forward, the copy overlapping the policy's forward); also with opt-in-bwd+offload, and
+                compiled
   ours chunked  ours with training.mlp_chunk_tokens: 2048 (each decoder MLP over checkpointed chunks of
                 tokens); also with both levers above ("opt-in-bwd+offload+chunked", and "...chunked1024" with 1024),
                 cached and compiled
@@ -219,7 +222,6 @@ def run_trl(
 
     times, losses = [], []
     profiler = StepProfiler(profile_step)
-    recorder = MemoryPeak(*(memory_steps or (None,)))
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -239,6 +241,7 @@ def run_trl(
                 losses.append(float(logs["loss"]))
 
     baseline = memory_baseline(device)
+    recorder = MemoryPeak(*(memory_steps or (None,)), baseline=baseline)
     model = build_model(spec["shape"], device, dtype)
     rows = [row for batch in schedule for row in batch]
     dataset = Dataset.from_list(
@@ -317,6 +320,7 @@ def run_ours(
     in_backward: bool = False,
     offload: bool = False,
     mlp_chunk: int | None = None,
+    reference_offload: bool = False,
     attention: str | None = None,
     profile_step: int | None = None,
     memory_steps: tuple[int, int] | None = None,
@@ -333,6 +337,7 @@ def run_ours(
     from align_cli.pairwise.objective import Objective, objective_forward
     from align_cli.pairwise.reference import LiveReference, cached_or_computed
     from align_cli.pairwise.throughput import collate_for
+    from align_cli.reference_offload import HostResidentWeights
     from align_cli.run_setup import prepare_for_backward
 
     training = TrainingConfig(
@@ -360,7 +365,9 @@ def run_ours(
             compile_layers(reference_model)
     objective = Objective([LossTerm(name="dpo", beta=0.1)])
     collate = collate_for(training)
-    live = LiveReference(reference_model, contextlib.nullcontext, True, objective.reference_groups, collate)
+    host_weights = HostResidentWeights(reference_model, device) if reference_offload else None
+    live = LiveReference(reference_model, contextlib.nullcontext, True, objective.reference_groups, collate,
+                         host_weights)
     accelerator = Accelerator(
         mixed_precision="bf16" if dtype == torch.bfloat16 else "no", cpu=device.type == "cpu"
     )
@@ -397,17 +404,23 @@ def run_ours(
     model.train()
     times, losses, run_tokens = [], [], []
     profiler = StepProfiler(profile_step)
-    recorder = MemoryPeak(*(memory_steps or (None,)))
+    recorder = MemoryPeak(*(memory_steps or (None,)), baseline=baseline)
     for step, rows in enumerate(schedule):
         sync(device)
         profiler.begin(step)
         recorder.begin(step)
         started = time.perf_counter()
         batch = collate(rows, objective.policy_groups, PAD).to(device)
-        loss, _, _ = objective_forward(model, batch, objective, reference, training.fused_logprobs)
-        if stepper is not None:
-            stepper.begin_backward(stepping=True)
-        accelerator.backward(loss)
+        try:
+            loss, _, _ = objective_forward(model, batch, objective, reference, training.fused_logprobs)
+            if stepper is not None:
+                stepper.begin_backward(stepping=True)
+            accelerator.backward(loss)
+        except Exception as error:  # noqa: BLE001 - a failure while recording keeps the timed steps' results
+            if not recorder.recording:
+                raise
+            recorder.fail(error)
+            break
         if stepper is not None:
             stepper.end_backward()  # every parameter has stepped; the norm, as the trainer reads it
         else:
@@ -576,9 +589,13 @@ def main():
                                ("opt-in-bwd+offload+chunked", {"in_backward": True, "offload": True,
                                                                "mlp_chunk": 2048}),
                                ("opt-in-bwd+offload+chunked1024", {"in_backward": True, "offload": True,
-                                                                   "mlp_chunk": 1024}))
+                                                                   "mlp_chunk": 1024}),
+                               ("ref-offload", {"reference_offload": True}),
+                               ("opt-in-bwd+offload+ref-offload", {"in_backward": True, "offload": True,
+                                                                   "reference_offload": True}))
         for cached in (False, True)
-        if not compiled_ or lever.startswith("opt-in-bwd+offload")
+        if (not compiled_ or lever.startswith("opt-in-bwd+offload") or lever == "ref-offload")
+        and not (cached and "ref-offload" in lever)  # a cached reference has no model to offload
     ]
     if args.quick:  # the memory rows too, uncompiled (inductor's CPU build is slow)
         quick_variants = main_variants + [v for v in memory_variants if not v[1]["compile_model"]]

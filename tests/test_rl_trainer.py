@@ -393,3 +393,28 @@ def test_online_run_profiles_the_chosen_step(rl_recipe, tmp_path, monkeypatch, c
     assert [p.name for p in profiles] == ["step-2-rank0.json"]
     summary = json.loads(profiles[0].read_text())
     assert summary["groups_s"]["matmul"] > 0 and summary["wall_s"] > 0
+
+
+def test_kl_reference_offloaded_matches_the_resident_one(rl_recipe, tmp_path, monkeypatch):
+    """GRPO with a KL term to a separate frozen reference, `reference.offload` on and off: the same KL, losses and
+    final weights bit for bit (the reference's weights are the same bits wherever they wait)."""
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    path = rl_recipe(loss={"name": "grpo", "kl_beta": 0.05})
+    path.write_text(path.read_text().replace("task: arithmetic", "task: null"))
+
+    def run(output, *overrides):
+        recipe, recipe_path = load_recipe(str(path), list(overrides))
+        return rl_trainer.train_rl(recipe, recipe_path, output_dir=str(tmp_path / output))
+
+    run("resident")
+    summary = run("offloaded", "reference.offload=true")
+    assert summary["memory"]["reference_offloaded_bytes"] > 0
+    records = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("offloaded", "resident")]
+    kept = [[(r["step"], r.get("kl"), r.get("loss")) for r in rs if r["split"] == "train"] for rs in records]
+    assert kept[0] == kept[1] and all(kl is not None for _, kl, _ in kept[0])
+    expected = load_file(str(tmp_path / "resident" / "final_model" / "model.safetensors"))
+    for name, tensor in load_file(str(tmp_path / "offloaded" / "final_model" / "model.safetensors")).items():
+        assert torch.equal(tensor, expected[name]), name

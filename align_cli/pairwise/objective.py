@@ -73,7 +73,10 @@ class Objective:
 
 
 def objective_forward(model, batch: GroupedBatch, objective: Objective, reference, fused: bool):
-    """One forward of the policy over every group the objective needs, then the loss."""
+    """One forward of the policy over every group the objective needs, then the loss. An offloaded reference
+    (`reference.offload`) starts copying its weights first, so the copy overlaps the policy's forward."""
+    if (prefetch := getattr(reference, "prefetch", None)) is not None:
+        prefetch()
     policy = sequence_logps(model, batch.sequences, fused=fused)
     tensors = {f"policy_{name}": policy.sums[positions] for name, positions in batch.groups.items()}
     tensors.update({f"{name}_lengths": lengths for name, lengths in batch.lengths.items()})

@@ -7,6 +7,7 @@ never runs the reference model. A changed model file, data row or setting gives 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -40,13 +41,21 @@ class LiveReference:
     batch's own layout (padded or packed). `collate` lays out the batches it precomputes (`compute_rows`):
     the policy's layout, so cached and live log-probs round alike."""
 
-    def __init__(self, model, context_factory, fused: bool, groups: list[str], collate=collate_groups):
+    def __init__(self, model, context_factory, fused: bool, groups: list[str], collate=collate_groups,
+                 host_weights=None):
         self.model, self.context_factory, self.fused, self.groups = model, context_factory, fused, groups
         self.collate = collate
+        self.host_weights = host_weights  # reference.offload: a HostResidentWeights (reference_offload.py)
+
+    def prefetch(self) -> None:
+        """Start bringing offloaded weights to the device (before the policy's forward, which the copy overlaps)."""
+        if self.host_weights is not None:
+            self.host_weights.fetch()
 
     @torch.no_grad()
     def __call__(self, batch: GroupedBatch) -> dict[str, torch.Tensor]:
-        with self.context_factory():
+        resident = self.host_weights.resident() if self.host_weights is not None else contextlib.nullcontext()
+        with resident, self.context_factory():
             sums = sequence_logps(self.model, batch.sequences, fused=self.fused).sums
         return {f"ref_{name}": sums[batch.groups[name]] for name in self.groups}
 

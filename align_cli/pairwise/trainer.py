@@ -67,7 +67,8 @@ def build_reference(run: RunInputs, objective: Objective, train_rows: list[int],
                 {"reference": getattr(reference_logps, "description", "precomputed")})
     recipe, accelerator = run.recipe, run.accelerator
     live = LiveReference(run.reference_model, run.reference_context, recipe.training.fused_logprobs,
-                         objective.reference_groups, collate_for(recipe.training, collate_groups))
+                         objective.reference_groups, collate_for(recipe.training, collate_groups),
+                         run.reference_weights)
     if not recipe.reference.precompute:
         return live, {"reference": "live"}
     providers, computed = {}, {}

@@ -43,9 +43,10 @@ from ..losses.rl import AGGREGATIONS
 from ..measurements import task_accuracy
 from ..models import apply_lora, freeze, load_causal_lm, resolve_dtype, resolve_model_location, unwrap
 from ..profiling import RunStepProfile
+from ..reference_offload import HostResidentWeights
 from ..run_dir import begin_writing, holds_run_directory
 from ..run_log import MetricsLog, progress_bar
-from ..run_setup import RunInputs, load_task_rows, prepare_for_backward, start_run
+from ..run_setup import RunInputs, load_task_rows, prepare_for_backward, refuse_sharded_reference_offload, start_run
 from .advantages import Selection, advantages_of, d3s_selection, informative_groups
 from .data import PromptOrder, load_prompt_rows
 from .rewards import WeightedRewards, overlong_penalty
@@ -68,14 +69,20 @@ def prepare_rl_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | N
         policy = apply_lora(policy, recipe.peft)
         if needs_reference and reference_name is None:
             reference_model, context = policy, unwrap(policy).disable_adapter
+    reference_weights = None
     if needs_reference and reference_model is None:
         reference_model = freeze(load_causal_lm(reference_name or recipe.model.name, recipe.model, dtype))
-        reference_model.to(accelerator.device)
+        if recipe.reference.offload:  # on the device only while it scores a step's rollouts (reference_offload.py)
+            refuse_sharded_reference_offload(accelerator)
+            reference_weights = HostResidentWeights(reference_model, accelerator.device)
+            context = reference_weights.resident
+        else:
+            reference_model.to(accelerator.device)
     run = RunInputs(recipe=recipe, run_dir=run_dir, accelerator=accelerator, tokenizer=tokenizer, tokenisation=None,
                     train_data=prompts, eval_data=None, data_report=report, policy=policy,
                     reference_model=reference_model, reference_context=context,
                     reference_location=resolve_model_location(reference_name or recipe.model.name), dtype=dtype,
-                    task_rows=load_task_rows(recipe), chunked_mlps=chunked)
+                    task_rows=load_task_rows(recipe), chunked_mlps=chunked, reference_weights=reference_weights)
     begin_writing(run_dir)  # everything loaded: an --overwrite's old run moves aside only now
     return run
 
