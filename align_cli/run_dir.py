@@ -46,11 +46,11 @@ REPLACING_DIR = ".replacing-run"  # the same while its entries are being moved i
 RESTORING_MARK = ".restoring"  # inside REPLACED_DIR: the new run's files are gone, the old ones are moving back
 
 # Keys that may change on --resume: they steer logging, output, evaluation, compilation, where activations wait
-# (training.offload_activations: the same values) and how the MLP's tokens are cut (training.mlp_chunk_tokens: the
+# (training.offload_activations and reference.offload: the same values) and how the MLP's tokens are cut (training.mlp_chunk_tokens: the
 # same values up to float rounding, as compilation), never the optimisation.
 RESUME_SAFE_KEYS = ("logging.*", "output.*", "checkpointing.every", "checkpointing.keep_last",
                     "evaluation.batch_size", "data.num_proc", "training.compile", "training.offload_activations",
-                    "training.mlp_chunk_tokens")
+                    "training.mlp_chunk_tokens", "reference.offload")
 MAX_STEPS_RULE = ("training.max_steps when the learning-rate schedule does not depend on the total (lr_scheduler "
                   "constant or constant_with_warmup with warmup_steps, not warmup_ratio; and no D^3S schedule)")
 
