@@ -375,7 +375,8 @@ def test_online_run_with_chunked_mlps_scores_as_the_run_without(rl_recipe, tmp_p
                              "--set", "output.save_final_model=false", "--set", "evaluation.task=null")
         assert code == 0, err
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["memory"] == {"mlp_chunk_tokens": chunk, "chunked_mlps": 2 if chunk else 0}
+        assert summary["memory"] == {"mlp_chunk_tokens": chunk, "chunked_mlps": 2 if chunk else 0,
+                                     "reference_offloaded_bytes": 0}
         firsts[chunk] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                          if json.loads(line)["split"] == "train"][0]
         assert bool(calls) == bool(chunk)
