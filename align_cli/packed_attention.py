@@ -5,8 +5,8 @@ SDPA for padded batches and for generation with a KV cache, so held-out evaluati
 kernels and masks):
 
 - `align_packed` (the GPU default with packing): per batch, FlexAttention, flash varlen or the padded batch
-  (with grouped key/value heads, repeated or through SDPA's `enable_gqa`), whichever measured fastest for the batch's shape bucket (`attention_choice.py`: the first batch of each
-  bucket times one attention call forward and backward of each, the winner is kept for the bucket, printed once
+  (with grouped key/value heads, repeated or through SDPA's `enable_gqa`), whichever measured fastest for the
+  batch's shape bucket (`attention_choice.py`: the first batch of each bucket times one attention call forward and backward of each, the winner is kept for the bucket, printed once
   and listed in summary.json's `attention`). Varlen is tried only where the flash kernel takes the inputs (bf16 / fp16, head
   dim <= 256 and a multiple of 8, sm80+); on CPU the candidates are the dense mask, the varlen reference and the
   padded batch.

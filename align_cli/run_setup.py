@@ -191,6 +191,7 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
         if recipe.reference.offload:
             refuse_sharded_reference_offload(accelerator)
             reference_weights = HostResidentWeights(reference_model, accelerator.device)  # stays in host memory
+            context = reference_weights.resident  # on the device for each forward (as the RL trainer's scoring)
         elif not shards_parameters(accelerator):  # else sharded after the policy (distributed.prepare_reference)
             reference_model.to(accelerator.device)
     run = RunInputs(recipe, run_dir, accelerator, tokenizer, settings, train_data, eval_data, report, policy,

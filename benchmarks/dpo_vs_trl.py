@@ -366,8 +366,8 @@ def run_ours(
     objective = Objective([LossTerm(name="dpo", beta=0.1)])
     collate = collate_for(training)
     host_weights = HostResidentWeights(reference_model, device) if reference_offload else None
-    live = LiveReference(reference_model, contextlib.nullcontext, True, objective.reference_groups, collate,
-                         host_weights)
+    context = host_weights.resident if host_weights is not None else contextlib.nullcontext  # as run_setup does
+    live = LiveReference(reference_model, context, True, objective.reference_groups, collate, host_weights)
     accelerator = Accelerator(
         mixed_precision="bf16" if dtype == torch.bfloat16 else "no", cpu=device.type == "cpu"
     )

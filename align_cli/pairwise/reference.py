@@ -7,7 +7,6 @@ never runs the reference model. A changed model file, data row or setting gives 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -45,7 +44,7 @@ class LiveReference:
                  host_weights=None):
         self.model, self.context_factory, self.fused, self.groups = model, context_factory, fused, groups
         self.collate = collate
-        self.host_weights = host_weights  # reference.offload: a HostResidentWeights (reference_offload.py)
+        self.host_weights = host_weights  # reference.offload: a HostResidentWeights, fetched ahead by `prefetch`
 
     def prefetch(self) -> None:
         """Start bringing offloaded weights to the device (before the policy's forward, which the copy overlaps)."""
@@ -54,8 +53,7 @@ class LiveReference:
 
     @torch.no_grad()
     def __call__(self, batch: GroupedBatch) -> dict[str, torch.Tensor]:
-        resident = self.host_weights.resident() if self.host_weights is not None else contextlib.nullcontext()
-        with resident, self.context_factory():
+        with self.context_factory():  # with reference.offload: the weights on the device (run_setup.prepare_run)
             sums = sequence_logps(self.model, batch.sequences, fused=self.fused).sums
         return {f"ref_{name}": sums[batch.groups[name]] for name in self.groups}
 
