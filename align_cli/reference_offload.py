@@ -74,4 +74,3 @@ class HostResidentWeights:
         finally:
             for tensor, host in zip(self.tensors, self.host):
                 tensor.data = host
-            del copies

@@ -188,10 +188,9 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
         reference_model = freeze(load_causal_lm(reference_name or recipe.model.name, model_config, dtype))
         if compiled and not recipe.reference.precompute:  # a precomputed reference runs once: not worth it
             compilation["reference"] = compile_layers(reference_model)
-        if recipe.reference.offload:
-            refuse_sharded_reference_offload(accelerator)
-            reference_weights = HostResidentWeights(reference_model, accelerator.device)  # stays in host memory
-            context = reference_weights.resident  # on the device for each forward (as the RL trainer's scoring)
+        if recipe.reference.offload:  # in host memory, on the device for each forward (reference_offload.py)
+            reference_weights = offload_reference(accelerator, reference_model)
+            context = reference_weights.resident
         elif not shards_parameters(accelerator):  # else sharded after the policy (distributed.prepare_reference)
             reference_model.to(accelerator.device)
     run = RunInputs(recipe, run_dir, accelerator, tokenizer, settings, train_data, eval_data, report, policy,
@@ -201,13 +200,15 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
     return run
 
 
-def refuse_sharded_reference_offload(accelerator) -> None:
-    """`reference.offload` under FSDP / ZeRO-3: refused before anything is written (the engine shards the reference
-    with the policy, so no process holds a whole copy to keep in host memory)."""
+def offload_reference(accelerator, reference_model) -> HostResidentWeights:
+    """`reference.offload` (both trainers): the reference's weights moved to host memory. Under FSDP / ZeRO-3 it is
+    refused before anything is written (the engine shards the reference with the policy, so no process holds a
+    whole copy to keep in host memory)."""
     if shards_parameters(accelerator):
         raise UserError(f"reference.offload keeps a whole reference model in host memory, but under "
                         f"{engine_name(accelerator)} the reference is sharded with the policy. Set "
                         f"reference.offload: false (the shards already spread it), or launch without FSDP / ZeRO-3.")
+    return HostResidentWeights(reference_model, accelerator.device)
 
 
 def prepare_for_backward(policy, training: TrainingConfig) -> int:

@@ -46,8 +46,8 @@ def test_weights_visit_the_device_only_inside_resident(device):
                                                                                            weights.host))
 
     assert on_host() and all(h.is_pinned() == (device == "cuda") for h in weights.host)
-    for _ in range(2):  # fetched ahead (as the trainer does before the policy's forward), then fetched on entry
-        if _ == 0:
+    for fetched_ahead in (True, False):  # as the trainer does before the policy's forward; else fetched on entry
+        if fetched_ahead:
             weights.fetch()
         with torch.no_grad(), weights.resident():
             assert all(t.device.type == device and t.data_ptr() != h.data_ptr()

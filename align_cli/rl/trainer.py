@@ -43,10 +43,9 @@ from ..losses.rl import AGGREGATIONS
 from ..measurements import task_accuracy
 from ..models import apply_lora, freeze, load_causal_lm, resolve_dtype, resolve_model_location, unwrap
 from ..profiling import RunStepProfile
-from ..reference_offload import HostResidentWeights
 from ..run_dir import begin_writing, holds_run_directory
 from ..run_log import MetricsLog, progress_bar
-from ..run_setup import RunInputs, load_task_rows, prepare_for_backward, refuse_sharded_reference_offload, start_run
+from ..run_setup import RunInputs, load_task_rows, offload_reference, prepare_for_backward, start_run
 from .advantages import Selection, advantages_of, d3s_selection, informative_groups
 from .data import PromptOrder, load_prompt_rows
 from .rewards import WeightedRewards, overlong_penalty
@@ -73,8 +72,7 @@ def prepare_rl_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | N
     if needs_reference and reference_model is None:
         reference_model = freeze(load_causal_lm(reference_name or recipe.model.name, recipe.model, dtype))
         if recipe.reference.offload:  # on the device only while it scores a step's rollouts (reference_offload.py)
-            refuse_sharded_reference_offload(accelerator)
-            reference_weights = HostResidentWeights(reference_model, accelerator.device)
+            reference_weights = offload_reference(accelerator, reference_model)
             context = reference_weights.resident
         else:
             reference_model.to(accelerator.device)
