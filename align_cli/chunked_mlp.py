@@ -19,7 +19,6 @@ blocks are left alone (their router and auxiliary losses see all tokens at once)
 
 from __future__ import annotations
 
-import functools
 import types
 
 import torch
@@ -39,11 +38,12 @@ def _run_in_chunks(forward, chunk_tokens: int, hidden: torch.Tensor) -> torch.Te
 
 def _chunked_forward(mlp, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Bound to each changed MLP as its `forward` (a bound method, so a deep copy of the model binds it to the
-    copy); the class's own forward does the work. An MLP called with more than the hidden states runs whole."""
+    copy); the forward it replaced does the work (the class's, or liger_kernels' fused one). An MLP called with
+    more than the hidden states runs whole."""
     chunk_tokens = mlp.align_mlp_chunk_tokens
     if not args and not kwargs and torch.is_grad_enabled() and hidden.shape[:-1].numel() > chunk_tokens:
-        return _run_in_chunks(functools.partial(type(mlp).forward, mlp), chunk_tokens, hidden)
-    return type(mlp).forward(mlp, hidden, *args, **kwargs)
+        return _run_in_chunks(mlp.align_mlp_whole_forward, chunk_tokens, hidden)
+    return mlp.align_mlp_whole_forward(hidden, *args, **kwargs)
 
 
 def chunk_mlps(model, chunk_tokens: int | None) -> int:
@@ -59,6 +59,8 @@ def chunk_mlps(model, chunk_tokens: int | None) -> int:
         if not _is_dense_mlp(mlp):
             continue
         mlp.align_mlp_chunk_tokens = chunk_tokens
-        mlp.forward = types.MethodType(_chunked_forward, mlp)
+        if getattr(mlp.forward, "__func__", None) is not _chunked_forward:  # chunked once, whatever the calls
+            mlp.align_mlp_whole_forward = mlp.forward
+            mlp.forward = types.MethodType(_chunked_forward, mlp)
         changed += 1
     return changed

@@ -448,6 +448,12 @@ class TrainingConfig(Section):
         "auto", description="torch.compile each decoder layer (one graph shared by all layers; the first steps pay "
                             "the compilation, cached across runs). auto: on CUDA, not under DeepSpeed (off on CPU); "
                             "a layer that fails to compile runs eagerly, with a warning (align_cli/compilation.py).")
+    liger_kernels: Literal["auto", True, False] = Field(
+        "auto", description="RMSNorm, rotary embedding and SiLU-and-multiply through Liger-Kernel's fused Triton "
+                            "kernels where the decoder runs eagerly on CUDA (same values up to bf16 rounding). "
+                            "auto: on CUDA with liger-kernel installed, a llama / mistral / qwen2 / qwen3 model and "
+                            "the layers not compiled (inductor fuses the same code); true: wherever asked, an error "
+                            "where they cannot run (align_cli/liger_kernels.py).")
     optimizer_in_backward: bool = Field(
         False, description="Step each parameter's AdamW inside backward as soon as its gradient is complete, and free "
                            "that gradient (torchtune's optimizer_in_bwd): the step needs neither all gradients at once "

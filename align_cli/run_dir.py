@@ -45,12 +45,13 @@ REPLACED_DIR = ".replaced-run"  # the old run an --overwrite moved aside, comple
 REPLACING_DIR = ".replacing-run"  # the same while its entries are being moved in
 RESTORING_MARK = ".restoring"  # inside REPLACED_DIR: the new run's files are gone, the old ones are moving back
 
-# Keys that may change on --resume: they steer logging, output, evaluation, compilation, where activations wait
-# (training.offload_activations and reference.offload: the same values) and how the MLP's tokens are cut (training.mlp_chunk_tokens: the
-# same values up to float rounding, as compilation), never the optimisation.
+# Keys that may change on --resume: they steer logging, output, evaluation, compilation and Liger's fused kernels
+# (the same values up to float rounding), where activations wait (training.offload_activations and
+# reference.offload: the same values) and how the MLP's tokens are cut (training.mlp_chunk_tokens: the same values
+# up to float rounding), never the optimisation.
 RESUME_SAFE_KEYS = ("logging.*", "output.*", "checkpointing.every", "checkpointing.keep_last",
                     "evaluation.batch_size", "data.num_proc", "training.compile", "training.offload_activations",
-                    "training.mlp_chunk_tokens", "reference.offload")
+                    "training.mlp_chunk_tokens", "reference.offload", "training.liger_kernels")
 MAX_STEPS_RULE = ("training.max_steps when the learning-rate schedule does not depend on the total (lr_scheduler "
                   "constant or constant_with_warmup with warmup_steps, not warmup_ratio; and no D^3S schedule)")
 

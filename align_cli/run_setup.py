@@ -21,6 +21,7 @@ from .data.preference import TokenisationSettings, normalise_rows, tokenise_pref
 from .data.sources import load_source
 from .distributed import engine_name, merge_lora_state_dict, shards_parameters
 from .errors import UserError
+from .liger_kernels import liger_decision, use_liger_kernels
 from .models import apply_lora, freeze, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_location, unwrap
 from .reference_offload import HostResidentWeights
 from .run_dir import begin_writing, resolve_run_dir
@@ -47,6 +48,7 @@ class RunInputs:
     compilation: dict | None = None
     chunked_mlps: int = 0  # `training.mlp_chunk_tokens`: how many decoder MLPs run in chunks (chunked_mlp.py)
     reference_weights: HostResidentWeights | None = None  # `reference.offload` (reference_offload.py)
+    liger_kernels: dict | None = None  # `training.liger_kernels`: liger_setting's report, with what was changed
 
     def memory_report(self) -> dict:
         """summary.json's `memory` keys of the MLP chunking and the reference's offload (the pairwise trainer adds
@@ -173,19 +175,22 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
     check_packing_settings(recipe.training)
     model_config = model_config_for(recipe.model, recipe.training)  # attention backend for packed rows
     policy = load_causal_lm(recipe.model.name, model_config, dtype)
-    chunked = prepare_for_backward(policy, recipe.training)
+    compiled, why = compile_decision(recipe.training.compile, device_type=accelerator.device.type,
+                                     engine=engine_name(accelerator))
+    liger = liger_setting(recipe.training, accelerator, policy, compiled)
+    chunked = prepare_for_backward(policy, recipe.training, liger)
     reference_name = recipe.reference.name
     reference_model, context = None, contextlib.nullcontext
     if recipe.peft.enabled:
         policy = apply_lora(policy, recipe.peft)
         if reference_name is None:
             reference_model, context = policy, unwrap(policy).disable_adapter
-    compiled, why = compile_decision(recipe.training.compile, device_type=accelerator.device.type,
-                                     engine=engine_name(accelerator))
     compilation = {"enabled": compiled, "why": why, "policy": compile_layers(policy) if compiled else None}
     reference_weights = None
     if reference_model is None and needs_reference:
         reference_model = freeze(load_causal_lm(reference_name or recipe.model.name, model_config, dtype))
+        if liger["enabled"]:
+            use_liger_kernels(reference_model)
         if compiled and not recipe.reference.precompute:  # a precomputed reference runs once: not worth it
             compilation["reference"] = compile_layers(reference_model)
         if recipe.reference.offload:  # in host memory, on the device for each forward (reference_offload.py)
@@ -195,7 +200,7 @@ def prepare_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | None
             reference_model.to(accelerator.device)
     run = RunInputs(recipe, run_dir, accelerator, tokenizer, settings, train_data, eval_data, report, policy,
                     reference_model, context, resolve_model_location(reference_name or recipe.model.name), dtype,
-                    load_task_rows(recipe), compilation, chunked, reference_weights)
+                    load_task_rows(recipe), compilation, chunked, reference_weights, liger)
     begin_writing(run_dir)  # everything loaded: an --overwrite's old run moves aside only now
     return run
 
@@ -211,11 +216,23 @@ def offload_reference(accelerator, reference_model) -> HostResidentWeights:
     return HostResidentWeights(reference_model, accelerator.device)
 
 
-def prepare_for_backward(policy, training: TrainingConfig) -> int:
-    """The policy's activation checkpointing (non-reentrant, per decoder layer) and MLP chunking, as `training`
-    asks; returns how many MLPs run in chunks."""
+def liger_setting(training: TrainingConfig, accelerator, policy, compiled: bool) -> dict:
+    """`training.liger_kernels` decided for this run (liger_kernels.liger_decision; true where the kernels cannot
+    run is refused here, before anything is written): summary.json's `liger_kernels`, which `prepare_for_backward`
+    completes with what it changed."""
+    enabled, why = liger_decision(training.liger_kernels, device_type=accelerator.device.type, compiled=compiled,
+                                  model_type=getattr(unwrap(policy).config, "model_type", None))
+    return {"enabled": enabled, "why": why}
+
+
+def prepare_for_backward(policy, training: TrainingConfig, liger: dict | None = None) -> int:
+    """The policy's activation checkpointing (non-reentrant, per decoder layer), Liger's fused kernels when
+    `liger` (liger_setting's report) has them on, and MLP chunking (around the fused MLP), as `training` asks;
+    returns how many MLPs run in chunks."""
     if training.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if liger is not None and liger["enabled"]:
+        liger.update(use_liger_kernels(policy))
     return chunk_mlps(policy, training.mlp_chunk_tokens)
 
 

@@ -21,9 +21,13 @@ same batches in the same order (TRL's sampler made sequential), same initial wei
                 align_varlen / align_padded), also compiled: the fixed-length rows only
   ours cached   the same with reference log-probs precomputed to the disk cache (reference model freed)
   trl cached    DPOTrainer with precompute_ref_log_probs (no reference model kept)
+  ours liger    ours with training.liger_kernels: true (Liger-Kernel's fused RMSNorm, rotary embedding and
+                SiLU-and-multiply in the eager layers, policy and reference; what `training.compile: false` runs by
+                default on CUDA when liger-kernel is installed)
   ours compile  ours with training.compile (torch.compile of each decoder layer); also cached, and
                 without activation checkpointing. Since `training.compile: auto` (issue 18), "ours compile" is
-                what `align train` runs on CUDA by default; "ours" is `training.compile: false`
+                what `align train` runs on CUDA by default; "ours" is `training.compile: false` and
+                `training.liger_kernels: false`
   ours opt-in-bwd   ours with training.optimizer_in_backward (each parameter's AdamW step inside backward, its
                 gradient freed; torch AdamW's fused kernel). It cannot clip (docs/throughput.md), so these rows
                 run without clip 1.0, unlike every other row
@@ -71,6 +75,7 @@ import zlib
 
 import torch
 
+from align_cli.liger_kernels import restore_rotary
 from align_cli.profiling import MemoryPeak, StepProfiler
 
 PEAK_FLOPS = 989e12
@@ -317,6 +322,7 @@ def run_ours(
     cached: bool,
     checkpointing: bool = True,
     compile_model: bool = False,
+    liger: bool = False,
     in_backward: bool = False,
     offload: bool = False,
     mlp_chunk: int | None = None,
@@ -331,6 +337,7 @@ def run_ours(
     from align_cli.attention_choice import CHOOSER, attention_report
     from align_cli.compilation import compile_layers
     from align_cli.config import LossTerm, TrainingConfig
+    from align_cli.liger_kernels import use_liger_kernels
     from align_cli.models import freeze
     from align_cli.optimizer_in_backward import AdamWInBackward
     from align_cli.packed_attention import register_backend
@@ -345,6 +352,7 @@ def run_ours(
         share_prompt=True,
         gradient_checkpointing=checkpointing,
         compile=compile_model,
+        liger_kernels=liger,
         learning_rate=settings["lr"],
         batch_size=settings["pairs"],
         optimizer_in_backward=in_backward,
@@ -357,8 +365,11 @@ def run_ours(
     CHOOSER.clear()  # this row's decisions only
     model = build_model(spec["shape"], device, dtype, attention or default)
     parameters = parameter_count(model)
-    prepare_for_backward(model, training)  # checkpointing and MLP chunks, as run_setup.prepare_run does
+    # checkpointing, Liger's kernels and MLP chunks, as run_setup.prepare_run does
+    prepare_for_backward(model, training, {"enabled": liger})
     reference_model = freeze(copy.deepcopy(model))
+    if liger:
+        use_liger_kernels(reference_model)
     if compile_model:
         compile_layers(model)
         if not cached:  # a precomputed reference runs once: not worth compiling
@@ -512,12 +523,13 @@ def versions() -> dict:
         "accelerate": accelerate.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M UTC"),
     }
-    try:
-        import triton
+    from importlib.metadata import PackageNotFoundError, version
 
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
+    for package in ("triton", "liger-kernel"):
+        try:
+            info[package] = version(package)
+        except PackageNotFoundError:
+            pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
@@ -576,6 +588,7 @@ def main():
     main_variants = [
         ("trl", {}),
         ("ours", {"cached": False}),
+        ("ours liger", {"cached": False, "liger": True}),
         ("ours cached", {"cached": True}),
         ("trl cached", {"cached": True}),
     ]
@@ -631,6 +644,7 @@ def main():
                     [
                         ("trl", {}),
                         ("ours", {"cached": False}),
+                        ("ours liger", {"cached": False, "liger": True}),
                         ("ours compile", {"cached": False, "compile_model": True}),
                     ]
                     + (forced if length >= 4096 else []),
@@ -675,6 +689,8 @@ def main():
                 summary = {"name": name, "error": f"{type(error).__name__}: {error}"}
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            finally:  # "ours liger" replaced transformers' rotary function process-wide; the next row is anyone's
+                restore_rotary()
             summary.update(
                 experiment=experiment,
                 pairs=pairs,

@@ -248,6 +248,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | Non
         **reference_info,
         "final_train_metrics": last_metrics,
         "compile": run.compile_report(),
+        "liger_kernels": run.liger_kernels,
         "attention": attention_report(),  # align_packed's measured backend per shape bucket (packed_attention.py)
         "memory": {"optimizer_in_backward": training.optimizer_in_backward,
                    "offloaded_activations": offload.report() if offload is not None else None,

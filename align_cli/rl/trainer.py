@@ -36,6 +36,7 @@ from ..lifecycle import (
     timing,
     write_summary,
 )
+from ..liger_kernels import use_liger_kernels
 from ..losses import LOSSES, hyperparameters, tensor_inputs, used_inputs
 from ..losses.d3s import d3s_schedule
 from ..losses.hapo import EntropyStats, entropy_signal
@@ -45,7 +46,7 @@ from ..models import apply_lora, freeze, load_causal_lm, resolve_dtype, resolve_
 from ..profiling import RunStepProfile
 from ..run_dir import begin_writing, holds_run_directory
 from ..run_log import MetricsLog, progress_bar
-from ..run_setup import RunInputs, load_task_rows, offload_reference, prepare_for_backward, start_run
+from ..run_setup import RunInputs, liger_setting, load_task_rows, offload_reference, prepare_for_backward, start_run
 from .advantages import Selection, advantages_of, d3s_selection, informative_groups
 from .data import PromptOrder, load_prompt_rows
 from .rewards import WeightedRewards, overlong_penalty
@@ -62,7 +63,8 @@ def prepare_rl_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | N
     prompts, report = load_prompt_rows(recipe, tokenizer)
     dtype = resolve_dtype(recipe.model.dtype)
     policy = load_causal_lm(recipe.model.name, recipe.model, dtype)
-    chunked = prepare_for_backward(policy, recipe.training)
+    liger = liger_setting(recipe.training, accelerator, policy, compiled=False)  # its training forward: eager
+    chunked = prepare_for_backward(policy, recipe.training, liger)
     reference_name, reference_model, context = recipe.reference.name, None, contextlib.nullcontext
     if recipe.peft.enabled:
         policy = apply_lora(policy, recipe.peft)
@@ -71,6 +73,8 @@ def prepare_rl_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | N
     reference_weights = None
     if needs_reference and reference_model is None:
         reference_model = freeze(load_causal_lm(reference_name or recipe.model.name, recipe.model, dtype))
+        if liger["enabled"]:
+            use_liger_kernels(reference_model)
         if recipe.reference.offload:  # on the device only while it scores a step's rollouts (reference_offload.py)
             reference_weights = offload_reference(accelerator, reference_model)
             context = reference_weights.resident
@@ -80,7 +84,8 @@ def prepare_rl_run(recipe: Recipe, recipe_path: Path | None, output_dir: str | N
                     train_data=prompts, eval_data=None, data_report=report, policy=policy,
                     reference_model=reference_model, reference_context=context,
                     reference_location=resolve_model_location(reference_name or recipe.model.name), dtype=dtype,
-                    task_rows=load_task_rows(recipe), chunked_mlps=chunked, reference_weights=reference_weights)
+                    task_rows=load_task_rows(recipe), chunked_mlps=chunked, reference_weights=reference_weights,
+                    liger_kernels=liger)
     begin_writing(run_dir)  # everything loaded: an --overwrite's old run moves aside only now
     return run
 
@@ -375,6 +380,7 @@ def train_rl(recipe: Recipe, recipe_path: Path | None = None, output_dir: str | 
         **timing(state, started),
         "final_train_metrics": last_metrics,
         "memory": run.memory_report(),
+        "liger_kernels": run.liger_kernels,
         "before": before,
         "after": after,
         "final_model_dir": final_dir,
