@@ -30,7 +30,7 @@ demo:
 	$(BIN)/align train recipes/dpo.yaml --overwrite
 
 bench:
-	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/fused_logprobs.py
 	$(BIN)/python benchmarks/dpo_vs_trl.py
 
 lint:

@@ -1,6 +1,6 @@
 """What the kernel benchmarks share: command line, random LM heads, CUDA-event timing (not a test).
 
-Imported by kernels.py, kernel_parts.py, kernel_configs.py and kernel_scaling.py, which run as scripts
+Imported by fused_logprobs.py, kernel_parts.py, kernel_configs.py and kernel_scaling.py, which run as scripts
 from this folder (`python3 benchmarks/<name>.py`), so a sibling import finds it. The event timer itself
 is the one the kernels time their strategies with (`triton_logprobs.elapsed_ms`).
 """

@@ -17,6 +17,8 @@ Paths (`ALIGN_FAST_GENERATION` is read by `fast_generation.mode()` at each `gene
   timing;
 - `ours_autotune`: `ours` with `ALIGN_FAST_COMPILE=autotune` (inductor's GEMM autotuning in the decode step).
 - `ours_combo`: `ours` with `ALIGN_FAST_COMPILE=combo` (inductor's combo kernels and aggressive fusion in it).
+- `ours_no_liger`: `ours` with `training.liger_kernels: false` (the scoring and update forwards in transformers'
+  eager pointwise code; `ours` takes Liger's fused kernels where liger-kernel is installed, `auto`).
 Each run counts its calls of `fast_generate` and of transformers `generate` (the real functions, wrapped to
 count), so the JSON shows which path each run took.
 
@@ -72,7 +74,8 @@ SHAPES = {
 }
 TOKENIZER_MODEL = "builtin:smollm2-135m-instruct"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "grpo.yaml"
-PATHS = ("today", "ours", "ours_autotune", "ours_combo")
+PATHS = ("today", "ours", "ours_autotune", "ours_combo", "ours_no_liger")
+PATH_OVERRIDES = {"ours_no_liger": ["training.liger_kernels=false"]}  # recipe keys a path sets beyond the env
 STEP_FIELDS = ("step", "step_seconds", "generation_seconds", "completion_length/mean", "completion/truncated",
                "tokens_per_second", "loss", "reward/mean")
 
@@ -190,18 +193,20 @@ def counted_generation_calls():
         fast_generation.fast_generate, GenerationMixin.generate = real_fast, real_generate
 
 
-def train_steps(overrides: list[str], run_dir: Path) -> list[dict]:
-    """One `train_rl` run of recipes/grpo.yaml with `overrides`; its per-step train metrics (metrics.jsonl)."""
+def train_steps(overrides: list[str], run_dir: Path) -> tuple[list[dict], dict]:
+    """One `train_rl` run of recipes/grpo.yaml with `overrides`: its per-step train metrics (metrics.jsonl) and
+    its summary's `liger_kernels`."""
     from align_cli.methods import METHODS
     from align_cli.recipe import load_recipe
     from align_cli.rl.trainer import train_rl
 
     recipe, path = load_recipe(str(RECIPE) if RECIPE.exists() else "grpo", overrides)
     assert METHODS[recipe.method.name].runner == "align_cli.rl.trainer:train_rl", METHODS[recipe.method.name].runner
-    train_rl(recipe, path, output_dir=str(run_dir))
+    summary = train_rl(recipe, path, output_dir=str(run_dir))
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
-    return [{k: r[k] for k in STEP_FIELDS if k in r} for r in records if r.get("split") == "train"]
+    steps = [{k: r[k] for k in STEP_FIELDS if k in r} for r in records if r.get("split") == "train"]
+    return steps, summary.get("liger_kernels")
 
 
 def median(values: list[float]) -> float | None:
@@ -232,7 +237,7 @@ def run_case(model_dir: Path, work: Path, path: str, prompts_per_step: int, args
     timed = args.today_steps[prompts_per_step] if path == "today" else args.steps
     env = path_environment(path, on_gpu)
     overrides = recipe_overrides(model_dir, prompts_per_step, args.num_generations, args.max_new_tokens,
-                                 warmup + timed, on_gpu)
+                                 warmup + timed, on_gpu) + PATH_OVERRIDES.get(path, [])
     rollouts = prompts_per_step * args.num_generations
     case = {"path": path, "prompts_per_step": prompts_per_step, "num_generations": args.num_generations,
             "rollouts": rollouts, "max_new_tokens": args.max_new_tokens, "warmup_steps": warmup,
@@ -248,8 +253,8 @@ def run_case(model_dir: Path, work: Path, path: str, prompts_per_step: int, args
         start_gib = torch.cuda.memory_allocated() / 2**30
     try:
         with environment(env), counted_generation_calls() as calls:
-            steps = train_steps(overrides, run_dir)
-        case.update(summarise(steps, warmup, rollouts))
+            steps, liger = train_steps(overrides, run_dir)
+        case.update(summarise(steps, warmup, rollouts), liger_kernels=liger)
         # one fast_generate call a step (no dynamic sampling): the calls after the warm-up ones are the timed steps'
         timed_calls = calls["fast_stats"][warmup:]
         case.update(fast_generate_calls=calls["fast_generate_calls"], generate_calls=calls["generate_calls"],

@@ -18,6 +18,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 python3 -c "import torch, triton, trl, liger_kernel, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 timeout 270 python3 -m pytest "$REPO/tests/test_kernels.py" -q -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
     --durations=8 2>&1 | tee "$OUT/tests.log"
-python3 "$REPO/benchmarks/kernels.py" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+python3 "$REPO/benchmarks/fused_logprobs.py" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
 python3 "$REPO/benchmarks/kernel_parts.py" --out "$OUT" 2>&1 | tee "$OUT/parts.log"
 nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv

@@ -165,10 +165,10 @@ def test_on_cuda_the_kernels_match_transformers_code(kind, checkpointing, restor
         monkeypatch.setattr(functional, name, counted)
     plain = tiny(kind, checkpointing=checkpointing, dtype=torch.bfloat16).cuda()
     fused = copy.deepcopy(plain)
+    batch = ids(tokens=512, device="cuda")
+    expected_loss, expected = loss_and_gradients(plain, batch)  # before the rotary dispatcher exists
     restores_rotary(fused)
     use_liger_kernels(fused)
-    batch = ids(tokens=512, device="cuda")
-    expected_loss, expected = loss_and_gradients(plain, batch)
     loss, gradients = loss_and_gradients(fused, batch)
     passes = 2 if checkpointing else 1  # the layers' forward runs again in backward
     assert calls == {"liger_rms_norm": 4 * passes + 1, "liger_swiglu": 2 * passes, "liger_rope": 2 * passes}

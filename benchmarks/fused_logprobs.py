@@ -1,6 +1,6 @@
 """Benchmark: LM head -> per-token log-probs, forward + backward, side by side (not a test).
 
-    python benchmarks/kernels.py [--quick] [--out DIR]
+    python benchmarks/fused_logprobs.py [--quick] [--out DIR]
 
 For each shape (bf16, random inputs, every label valid) it times forward+backward with CUDA events, in
 rounds where every method runs once (order rotating; the median over rounds, and ratios of two methods
