@@ -1,7 +1,7 @@
 """Benchmark: DPO training steps, TRL 1.16 DPOTrainer against ours, same GPU, same work (not a test).
 
     python benchmarks/dpo_vs_trl.py [--out DIR] [--quick] [--deadline SECONDS] [--only ...] [--variants ...]
-        [--profile-step K] [--memory-peak]
+        [--repeat N] [--profile-step K] [--memory-peak]
 
 Models are random-init from config only (Qwen2.5-0.5B and Llama-3.2-1B shapes, bf16 weights). Data
 is synthetic: prompt 64-512 tokens, chosen and rejected 32-1024 each (uniform, random token ids, an
@@ -542,12 +542,13 @@ def table(results: list[dict]) -> str:
         "loss last | run tok/s | windows tok/s |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    baselines = {r["experiment"]: r for r in results if r["name"] == "trl" and "error" not in r}
+    # each row against TRL of its own round (--repeat), else of its experiment's first round
+    baselines = {(r["experiment"], r.get("round", 0)): r for r in results if r["name"] == "trl" and "error" not in r}
     for r in results:
         if "error" in r:
             lines.append(f"| {r['experiment']} | {r['name']} | failed: {r['error'][:80]} |" + " |" * 9)
             continue
-        base = baselines.get(r["experiment"])
+        base = baselines.get((r["experiment"], r.get("round", 0)), baselines.get((r["experiment"], 0)))
         speed = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else ""
         memory = f"{r['peak_gib'] / base['peak_gib']:.2f}x" if base else ""
         run = f"{r['run_tokens_per_second']:.0f}" if "run_tokens_per_second" in r else ""
@@ -569,6 +570,9 @@ def main():
     )
     parser.add_argument("--only", default=None, help="comma-separated experiment names")
     parser.add_argument("--variants", default=None, help="comma-separated variant names (e.g. 'trl,ours opt-in-bwd')")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each experiment's variants this many rounds, interleaved (a row's `round` says "
+                             "which), for medians over runs in one process")
     parser.add_argument("--profile-step", type=int, default=None,
                         help="profile this step (0-based) of every variant: its CUDA kernels, in the JSONL's 'profile'")
     parser.add_argument("--memory-peak", action="store_true",
@@ -668,7 +672,7 @@ def main():
         schedule = [batches[k % unique] for k in range(timed + (unique if args.memory_peak else 0))]
         memory_steps = (timed, timed + unique - 1) if args.memory_peak else None
         settings = {"pairs": pairs, "max_length": max_length, "lr": 1e-6, "checkpointing": True}
-        for name, options in variants:
+        for round_, (name, options) in ((r, v) for r in range(args.repeat) for v in variants):
             if time.time() - started > args.deadline:
                 print(f"deadline: skipping {experiment} / {name}", flush=True)
                 continue
@@ -693,6 +697,7 @@ def main():
                 restore_rotary()
             summary.update(
                 experiment=experiment,
+                round=round_,
                 pairs=pairs,
                 max_length=max_length,
                 wall_seconds=round(time.time() - begun, 1),
