@@ -42,7 +42,15 @@ _ROTARY_REPLACED: set[str] = set()  # the modeling modules whose rotary function
 
 
 def liger_available() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
+    """Whether Liger's functions import (an installed liger-kernel without a working Triton does not): checked at
+    setup, so a broken install turns `auto` off instead of failing at the first forward."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False
+    try:
+        import liger_kernel.transformers.functional  # noqa: F401
+    except Exception:  # noqa: BLE001 -- any import failure means the kernels cannot run here
+        return False
+    return True
 
 
 def liger_decision(setting, *, device_type: str, compiled: bool, model_type: str | None,
@@ -51,11 +59,11 @@ def liger_decision(setting, *, device_type: str, compiled: bool, model_type: str
     is the user's error (exit 2, before anything is written); auto then says why it left them off."""
     if setting is False:
         return False, "training.liger_kernels: false"
-    available = liger_available() if available is None else available
     if device_type != "cuda":
         missing = "a CUDA device (Liger's kernels are Triton kernels for GPUs)"
-    elif not available:
-        missing = "liger-kernel, which is not installed (pip install liger-kernel, or this package's [gpu] extra)"
+    elif not (liger_available() if available is None else available):
+        missing = ("liger-kernel, which is not installed or does not import (pip install liger-kernel, or this "
+                   "package's [gpu] extra)")
     elif model_type not in SUPPORTED_MODEL_TYPES:
         missing = f"a model type in {', '.join(SUPPORTED_MODEL_TYPES)} (this model is {model_type!r})"
     else:

@@ -56,8 +56,9 @@ def ids(tokens=48, rows=2, seed=1, device="cpu"):
                                                   "code)")),
     ("auto", "cpu", False, "llama", True, (False, "auto: needs a CUDA device (Liger's kernels are Triton kernels "
                                                   "for GPUs)")),
-    ("auto", "cuda", False, "llama", False, (False, "auto: needs liger-kernel, which is not installed (pip install "
-                                                    "liger-kernel, or this package's [gpu] extra)")),
+    ("auto", "cuda", False, "llama", False, (False, "auto: needs liger-kernel, which is not installed or does not "
+                                                    "import (pip install liger-kernel, or this package's [gpu] "
+                                                    "extra)")),
     ("auto", "cuda", False, "gemma2", True, (False, "auto: needs a model type in llama, mistral, qwen2, qwen3 (this "
                                                     "model is 'gemma2')")),
 ])
@@ -75,6 +76,14 @@ def test_true_where_the_kernels_cannot_run_is_the_users_error(device, model_type
     with pytest.raises(UserError, match="training.liger_kernels: true needs") as raised:
         liger_decision(True, device_type=device, compiled=False, model_type=model_type, available=available)
     assert names in str(raised.value) and "training.liger_kernels: auto" in str(raised.value)
+
+
+def test_an_install_that_does_not_import_counts_as_missing(monkeypatch):
+    """liger-kernel present to the finder but failing to import (a broken Triton): not available, so `auto` is off
+    and `true` refused at setup, not a crash at the first forward."""
+    monkeypatch.setattr(liger_kernels.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", None)  # import raises ImportError
+    assert not liger_kernels.liger_available()
 
 
 def test_true_on_this_cpu_exits_2_naming_the_key_before_writing(monkeypatch, capsys, tiny_recipe, tmp_path):
