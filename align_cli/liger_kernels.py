@@ -53,15 +53,14 @@ def liger_available() -> bool:
     return True
 
 
-def liger_decision(setting, *, device_type: str, compiled: bool, model_type: str | None,
-                   available: bool | None = None) -> tuple[bool, str]:
+def liger_decision(setting, *, device_type: str, compiled: bool, model_type: str | None) -> tuple[bool, str]:
     """(use Liger's kernels?, why) for `training.liger_kernels` = True / False / "auto". True where they cannot run
     is the user's error (exit 2, before anything is written); auto then says why it left them off."""
     if setting is False:
         return False, "training.liger_kernels: false"
     if device_type != "cuda":
         missing = "a CUDA device (Liger's kernels are Triton kernels for GPUs)"
-    elif not (liger_available() if available is None else available):
+    elif not liger_available():
         missing = ("liger-kernel, which is not installed or does not import (pip install liger-kernel, or this "
                    "package's [gpu] extra)")
     elif model_type not in SUPPORTED_MODEL_TYPES:
@@ -143,16 +142,15 @@ def use_liger_kernels(model) -> dict:
         elif _is_silu_mlp(module, config):
             module.forward = types.MethodType(_mlp_forward, module)
             mlps += 1
-    rotary = []
-    for layer in body.layers[:1]:  # every layer's attention comes from the same modeling file
-        modeling = sys.modules[type(layer.self_attn).__module__]
-        current = getattr(modeling, _ROTARY_NAME, None)
-        if current is not None:
-            if not hasattr(current, "align_original"):
-                setattr(modeling, _ROTARY_NAME, _rotary_dispatcher(current))
-                _ROTARY_REPLACED.add(modeling.__name__)
-            rotary.append(modeling.__name__)
-    return {"norms": norms, "mlps": mlps, "rotary": rotary}
+    # every layer's attention comes from the same modeling file
+    modeling = sys.modules[type(body.layers[0].self_attn).__module__]
+    current = getattr(modeling, _ROTARY_NAME, None)
+    if current is None:
+        return {"norms": norms, "mlps": mlps, "rotary": []}
+    if not hasattr(current, "align_original"):
+        setattr(modeling, _ROTARY_NAME, _rotary_dispatcher(current))
+        _ROTARY_REPLACED.add(modeling.__name__)
+    return {"norms": norms, "mlps": mlps, "rotary": [modeling.__name__]}
 
 
 def restore_rotary() -> None:

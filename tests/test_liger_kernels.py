@@ -62,9 +62,9 @@ def ids(tokens=48, rows=2, seed=1, device="cpu"):
     ("auto", "cuda", False, "gemma2", True, (False, "auto: needs a model type in llama, mistral, qwen2, qwen3 (this "
                                                     "model is 'gemma2')")),
 ])
-def test_the_decision_for_each_setting(setting, device, compiled, model_type, available, expected):
-    assert liger_decision(setting, device_type=device, compiled=compiled, model_type=model_type,
-                          available=available) == expected
+def test_the_decision_for_each_setting(setting, device, compiled, model_type, available, expected, monkeypatch):
+    monkeypatch.setattr(liger_kernels, "liger_available", lambda: available)
+    assert liger_decision(setting, device_type=device, compiled=compiled, model_type=model_type) == expected
 
 
 @pytest.mark.parametrize("device, model_type, available, names", [
@@ -72,9 +72,10 @@ def test_the_decision_for_each_setting(setting, device, compiled, model_type, av
     ("cuda", "llama", False, "pip install liger-kernel"),
     ("cuda", "gemma2", True, "'gemma2'"),
 ])
-def test_true_where_the_kernels_cannot_run_is_the_users_error(device, model_type, available, names):
+def test_true_where_the_kernels_cannot_run_is_the_users_error(device, model_type, available, names, monkeypatch):
+    monkeypatch.setattr(liger_kernels, "liger_available", lambda: available)
     with pytest.raises(UserError, match="training.liger_kernels: true needs") as raised:
-        liger_decision(True, device_type=device, compiled=False, model_type=model_type, available=available)
+        liger_decision(True, device_type=device, compiled=False, model_type=model_type)
     assert names in str(raised.value) and "training.liger_kernels: auto" in str(raised.value)
 
 
