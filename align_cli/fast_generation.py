@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import fused_decode
 from .fused_projections import fusable_groups, fuse_projections, fused_bytes, worth_fusing
 from .losses.hapo import EntropyStats, normalise_entropy
 from .models import decoder, output_head, unwrap
@@ -436,6 +437,19 @@ def _decode_forward(body, head, tokens: torch.Tensor, positions: torch.Tensor, m
     return logits
 
 
+def _decode_tail(head, hidden: torch.Tensor, after, partner: tuple | None = None) -> torch.Tensor:
+    """The end of a fused-layer decode step (`fused_decode`): the LM head on the final norm's output `[B, D]`
+    (and the partner's, `partner` = (head, hidden, alpha), `extrapolate`), then `after(logits)`. Module-level
+    for the reason `_decode_forward` is."""
+    logits = head(hidden).float()
+    if partner is not None:
+        partner_head, partner_hidden, alpha = partner
+        logits = extrapolate(logits, partner_head(partner_hidden).float(), alpha)
+    if after is not None:
+        after(logits)
+    return logits
+
+
 def extrapolate(current: torch.Tensor, previous: torch.Tensor, alpha: float) -> torch.Tensor:
     """APO's sampling logits `(1+alpha) z_current - alpha z_previous` over the vocabulary both heads share (the
     rest of a padded head is kept), as `iterative.extrapolation.ExtrapolatedLogits` computes them in `generate`."""
@@ -463,14 +477,15 @@ def compile_mode() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_forward(backend, mode: str | None, options: tuple = ()):
-    """`_decode_forward` under torch.compile, one wrapper per (backend, mode). fullgraph: a graph break would
+def _compiled_forward(backend, mode: str | None, options: tuple = (), function=_decode_forward):
+    """`function` (`_decode_forward`, or `_decode_tail` for fused layers) under torch.compile, one wrapper per
+    (backend, mode, options, function). fullgraph: a graph break would
     leave the step as several graphs with Python between them; failing loudly lets the caller fall back to
     the uncompiled step instead. Shapes: static at the first batch size, automatically dynamic from the second
     on (one more compile covers every smaller batch and every slot length, where `dynamic=False` would compile
     each batch bucket and each prompt length of an RL run anew and soon hit dynamo's recompile limit)."""
     extra = {"options": dict(options)} if options else {}  # torch.compile takes a mode or options, not both
-    return torch.compile(_decode_forward, backend=backend, mode=mode, fullgraph=True, **extra)
+    return torch.compile(function, backend=backend, mode=mode, fullgraph=True, **extra)
 
 
 @dataclass(frozen=True)
@@ -498,16 +513,30 @@ class _DecodeStep:
     and replayed: a replay launches the whole step at once, where eager PyTorch pays ~1,700 host-side launches
     a step. Compilation and capture need warm-up runs; `state` (tensors `after` changes) is put back after each,
     so they leave no trace (the keys and values they write lie past each slot's position and are overwritten
-    before read). A step whose compilation fails runs uncompiled (`compile_error` says why)."""
+    before read). A step whose compilation fails runs uncompiled (`compile_error` says why). With `plans`
+    (the policy's and the partner's `fused_decode.DecodePlan`) the decoder layers run as the fused decode
+    kernels, outside the compiled part, which is then the final norm, the LM head and `after` (`_decode_tail`)."""
 
     def __init__(self, body, head, cache: _SlotCache, tokens: torch.Tensor, batch: int, layer_types, graph: bool,
-                 after=None, state=(), pool=None, compile: Compile | None = None, partner: Partner | None = None):
+                 after=None, state=(), pool=None, compile: Compile | None = None, partner: Partner | None = None,
+                 plans: tuple | None = None):
         self.body, self.head, self.cache, self.batch, self.after = body, head, cache, batch, after
-        self.partner = partner
+        self.partner, self.plans = partner, plans
         self.tokens = tokens[:batch]
         self.masks = {name: None for name in layer_types}
         self.graph, self.error = None, None
-        self.forward, self.compile_error, self.compile_seconds = _decode_forward, None, 0.0
+        self.layers_error = None
+        if plans is not None:
+            try:  # the first launches compile the Triton kernels; a failure leaves the model's layer code
+                for plan in plans:
+                    if plan is not None:
+                        fused_decode.decode_hidden(plan, self.tokens, cache.positions[:batch], cache)
+                if cache.positions.is_cuda:
+                    torch.cuda.synchronize()
+            except Exception as error:  # noqa: BLE001 - any kernel failure: the model's layers still run
+                self.plans, self.layers_error = None, f"{type(error).__name__}: {error}"[:300]
+        eager = _decode_forward if self.plans is None else _decode_tail
+        self.forward, self.compile_error, self.compile_seconds = eager, None, 0.0
         saved = [t.clone() for t in state]
 
         def restore():
@@ -515,7 +544,7 @@ class _DecodeStep:
                 t.copy_(value)
 
         if compile is not None:
-            compiled = _compiled_forward(compile.backend, compile.mode, compile.options)
+            compiled = _compiled_forward(compile.backend, compile.mode, compile.options, eager)
             began = time.perf_counter()
             try:
                 self.forward = compiled
@@ -523,7 +552,7 @@ class _DecodeStep:
                 if graph:
                     torch.cuda.synchronize()
             except Exception as error:  # noqa: BLE001 - any compiler failure: the uncompiled step still runs
-                self.forward, self.compile_error = _decode_forward, f"{type(error).__name__}: {error}"[:300]
+                self.forward, self.compile_error = eager, f"{type(error).__name__}: {error}"[:300]
             finally:
                 restore()
             self.compile_seconds = time.perf_counter() - began
@@ -543,14 +572,44 @@ class _DecodeStep:
                 self.graph, self.error = None, f"{type(error).__name__}: {error}"[:200]
 
     def _run(self) -> torch.Tensor:
-        return self.forward(self.body, self.head, self.tokens, self.cache.positions[: self.batch, None], self.masks,
-                            self.after, self.partner)
+        positions = self.cache.positions[: self.batch]
+        if self.plans is None:
+            return self.forward(self.body, self.head, self.tokens, positions[:, None], self.masks, self.after,
+                                self.partner)
+        plan, partner_plan = self.plans
+        hidden = fused_decode.decode_hidden(plan, self.tokens, positions, self.cache)
+        partner = None
+        if partner_plan is not None:
+            partner = (partner_plan.head, fused_decode.decode_hidden(partner_plan, self.tokens, positions, self.cache),
+                       self.partner.alpha)
+        return self.forward(plan.head, hidden, self.after, partner)
 
     def __call__(self) -> torch.Tensor:
         if self.graph is None:
             return self._run()
         self.graph.replay()
         return self.logits
+
+
+def _fused_plans(requested: bool | None, device, graphs: bool, models: list, max_len: int) -> tuple[tuple | None, str]:
+    """This call's `fused_decode` plans (the policy's, and the partner's or None), or None; and why. `requested`:
+    `fast_generate(fused_layers=...)` (None: `ALIGN_FAST_LAYERS`). `models`: (body, head, config) of the policy
+    and of the partner, whose keys and values follow the policy's layers in the slot cache."""
+    chosen = fused_decode.mode() if requested is None else ("on" if requested else "off")
+    if chosen == "off":
+        return None, "off (ALIGN_FAST_LAYERS=0 or fused_layers=False)"
+    kernels = fused_decode.kernels_can_run(device)
+    if chosen == "auto" and not (kernels and graphs):
+        return None, "auto: the kernels run on CUDA with Triton, in captured decode steps"
+    plans, offset = [], 0
+    for body, head, config in models:
+        reason = fused_decode.layer_blocker(body, config)
+        if reason is not None:
+            return None, reason
+        plans.append(fused_decode.build_plan(body, head, config, max_len, offset, kernels))
+        offset += config.num_hidden_layers
+    plans += [None] * (2 - len(plans))
+    return tuple(plans), "on: " + ("Triton kernels" if kernels else "torch ops (fused_decode.reference_layer)")
 
 
 def _graph_sizes(slots: int) -> list[int]:
@@ -566,7 +625,7 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
                   stop_ids, *, kv_token_budget: int | None = None, cuda_graph: bool | None = None,
                   max_slots: int | None = None, lengths: list[int] | None = None,
                   compile_step: bool | Compile | None = None, extrapolation: tuple | None = None,
-                  fuse: bool | None = None) -> FastOutput:
+                  fuse: bool | None = None, fused_layers: bool | None = None) -> FastOutput:
     """`num_samples` completions of each prompt (token ids) under `sampling`. `lengths` (benchmarks):
     per sequence, a number of new tokens after which it ends as if it had sampled a stop token.
     `extrapolation` = (previous model, alpha): APO's sampler, logits `(1+alpha) z - alpha z_previous` at every
@@ -574,7 +633,9 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
     `compile_step`: compile the decode step before capture (None: `ALIGN_FAST_COMPILE`, by default on CUDA;
     a `Compile` picks backend and mode). Steps that need a host decision (top-p < 1 when sampling) stay
     eager and uncompiled. `fuse`: q/k/v and gate/up as one GEMM each (`fused_projections`; None:
-    `ALIGN_FAST_FUSE`, by default on CUDA when the copies fit)."""
+    `ALIGN_FAST_FUSE`, by default on CUDA when the copies fit). `fused_layers`: decode steps of at most
+    `fused_decode.MAX_BATCH` slots run the decoder layers as `fused_decode`'s kernels (None: `ALIGN_FAST_LAYERS`,
+    by default on CUDA where the layers are the llama layer and the projections are fused)."""
     global _ACTIVE
     inner = unwrap(model)
     config = inner.config
@@ -587,6 +648,8 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
     max_prompt = max(len(p) for p in prompts)
     max_len = -(-(max_prompt + max_new_tokens) // 16) * 16  # mask rows aligned for the fused attention kernels
     partner_model = unwrap(extrapolation[0]) if extrapolation is not None else None
+    if fuse is None and device.type != "cuda" and (fused_layers or fused_decode.mode() == "on" and fused_layers is None):
+        fuse = True  # the fused layers take q/k/v and gate/up from the fused copies (CUDA fuses them by default)
     fusing, reserved = _fusing(fuse, device, inner, partner_model)
     budget = kv_token_budget if kv_token_budget is not None else default_kv_budget(config, dtype, device, reserved)
     partner = None
@@ -788,6 +851,7 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
     state = (slot_count, slot_live, slot_stopped, last_tokens, cache.positions)
     sizes = _graph_sizes(slots)
     steps: dict[int, _DecodeStep] = {}
+    layer_batches: list[int] = []   # the batch sizes whose steps run the fused decode layers
     pool = torch.cuda.graph_pool_handle() if cuda_graph else None
     previous, _ACTIVE = _ACTIVE, cache
     was_training = inner.training
@@ -799,6 +863,10 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
         with _fast_attention(inner, partner_model), \
                 (fuse_projections(inner, partner_model) if fusing else contextlib.nullcontext(0)) as fused:
             stats["fused_groups"] = fused
+            models = [(body, head, config)]
+            if partner is not None:
+                models.append((partner.body, partner.head, partner_model.config))
+            plans, stats["fused_layers"] = _fused_plans(fused_layers, device, bool(cuda_graph), models, max_len)
             admit()
             batch = slots
             while True:
@@ -811,9 +879,14 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
                 if batch not in steps:
                     # top-p < 1 may need a host-side decision (full sort or not): that step stays eager
                     static = sampling.temperature <= 0 or sampling.top_p >= 1
+                    fused_here = plans is not None and static and batch <= fused_decode.MAX_BATCH
                     steps[batch] = _DecodeStep(body, head, cache, last_tokens, batch, layer_types,
                                                cuda_graph and static, _sample_and_store(batch), state, pool,
-                                               compile_options if static else None, partner)
+                                               compile_options if static else None, partner,
+                                               plans if fused_here else None)
+                    layer_batches += [batch] if steps[batch].plans is not None else []
+                    if steps[batch].layers_error:
+                        stats["fused_layers_error"] = steps[batch].layers_error
                     stats["graphs"] += int(steps[batch].graph is not None)
                     if steps[batch].error:
                         stats["graph_error"] = steps[batch].error
@@ -834,6 +907,7 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
         if partner_model is not None:
             partner_model.train(partner_was_training)
     stats["graph_batches"] = sorted(steps)
+    stats["fused_layer_batches"] = sorted(layer_batches)
     recorded = sampling.adaptive is not None
     return FastOutput(results_tokens, results_stopped, results_sampling, results_tempered, stats,
                       results_factor if recorded else None, results_entropy if recorded else None)

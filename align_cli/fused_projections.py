@@ -6,7 +6,7 @@ a step); the q, k and v GEMMs took 4.2 us each while reading 0.2-1.6 MB (benchma
 projections"). One GEMM over the concatenated weights does the three, and one more does gate and up.
 
 How, without touching the model's forward code: for the call, `q_proj` (`gate_proj`) is replaced by a
-`_FusedLinear` that runs one linear over the concatenated weights, returns its own slice and keeps the others;
+`FusedLinear` that runs one linear over the concatenated weights, returns its own slice and keeps the others;
 `k_proj` and `v_proj` (`up_proj`) are replaced by `_Slice`s that hand those back when the model's code calls
 them next on the same input. That order (q, k, v; gate, up, on one input) is what the attention and MLP code of
 the architectures the fast path supports does (`fast_generation.SUPPORTED_MODEL_TYPES`; tests check each).
@@ -32,7 +32,7 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 MEMORY_SHARE = 0.25   # at most this share of the free device memory goes to the fused copies
 
 
-class _FusedLinear(torch.nn.Module):
+class FusedLinear(torch.nn.Module):
     """Stands in for the first projection of a group: one linear over the group's concatenated weights."""
 
     def __init__(self, sizes: list[int]):
@@ -49,9 +49,9 @@ class _FusedLinear(torch.nn.Module):
 
 
 class _Slice(torch.nn.Module):
-    """Stands in for a later projection of a group: the slice its `_FusedLinear` computed for the same input."""
+    """Stands in for a later projection of a group: the slice its `FusedLinear` computed for the same input."""
 
-    def __init__(self, fused: _FusedLinear, index: int):
+    def __init__(self, fused: FusedLinear, index: int):
         super().__init__()
         object.__setattr__(self, "fused", fused)   # not a submodule: the owner holds it once, as the first one
         self.index = index
@@ -84,11 +84,11 @@ def fused_bytes(groups) -> int:
     return sum(getattr(owner, name).weight.nbytes for owner, names in groups for name in names)
 
 
-def _stand_ins(owner, names) -> tuple[_FusedLinear, list[_Slice]]:
+def _stand_ins(owner, names) -> tuple[FusedLinear, list[_Slice]]:
     per_owner = _STAND_INS.setdefault(owner, {})
     if names not in per_owner:
         sizes = [getattr(owner, name).out_features for name in names]
-        fused = _FusedLinear(sizes)
+        fused = FusedLinear(sizes)
         per_owner[names] = (fused, [_Slice(fused, index) for index in range(len(names) - 1)])
     return per_owner[names]
 

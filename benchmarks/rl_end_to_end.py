@@ -17,6 +17,8 @@ Paths (`ALIGN_FAST_GENERATION` is read by `fast_generation.mode()` at each `gene
   timing;
 - `ours_autotune`: `ours` with `ALIGN_FAST_COMPILE=autotune` (inductor's GEMM autotuning in the decode step).
 - `ours_combo`: `ours` with `ALIGN_FAST_COMPILE=combo` (inductor's combo kernels and aggressive fusion in it).
+- `ours_model_layers`: `ours` with `ALIGN_FAST_LAYERS=0` (decode steps through the model's own decoder-layer code,
+  not the fused decode kernels `ours` runs at batches of at most 64, align_cli/fused_decode.py).
 - `ours_no_liger`: `ours` with `training.liger_kernels: false` (the scoring and update forwards in transformers'
   eager pointwise code; `ours` takes Liger's fused kernels where liger-kernel is installed, `auto`).
 Each run counts its calls of `fast_generate` and of transformers `generate` (the real functions, wrapped to
@@ -74,7 +76,7 @@ SHAPES = {
 }
 TOKENIZER_MODEL = "builtin:smollm2-135m-instruct"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "grpo.yaml"
-PATHS = ("today", "ours", "ours_autotune", "ours_combo", "ours_no_liger")
+PATHS = ("today", "ours", "ours_autotune", "ours_combo", "ours_no_liger", "ours_model_layers")
 PATH_OVERRIDES = {"ours_no_liger": ["training.liger_kernels=false"]}  # recipe keys a path sets beyond the env
 STEP_FIELDS = ("step", "step_seconds", "generation_seconds", "completion_length/mean", "completion/truncated",
                "tokens_per_second", "loss", "reward/mean")
@@ -146,6 +148,8 @@ def path_environment(path: str, on_gpu: bool) -> dict[str, str]:
     if path == "today":
         return {"ALIGN_FAST_GENERATION": "0"}
     fast = {"ALIGN_FAST_GENERATION": "auto" if on_gpu else "1"}  # off CUDA, `auto` would fall back to generate
+    if path == "ours_model_layers":
+        return {**fast, "ALIGN_FAST_LAYERS": "0"}
     modes = {"ours_autotune": "autotune", "ours_combo": "combo"}
     return {**fast, "ALIGN_FAST_COMPILE": modes[path]} if path in modes else fast
 

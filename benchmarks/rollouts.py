@@ -15,7 +15,8 @@ to and including its EOS. Each (method, case) runs once untimed (compilation, gr
 step, `ours_compiled` the one compiled before capture (its warm-up's stats hold the compile seconds; q/k/v and gate/up
 fused as on CUDA by default, `ours_compiled_unfused` without that, `ours_compiled_autotune` with inductor's
 GEMM autotuning, `max-autotune-no-cudagraphs`, `ours_compiled_combo` with its combo kernels and aggressive
-fusion, `fast_generation.COMBO`); `ours_hapo`
+fusion, `fast_generation.COMBO`, `ours_compiled_model_layers` with the model's own decoder-layer code instead of
+the fused decode kernels that steps of at most 64 sequences run by default, `align_cli/fused_decode.py`); `ours_hapo`
 and `ours_apo` the compiled step with HAPO's adaptive temperature and with APO's extrapolated logits.
 """
 
@@ -126,7 +127,7 @@ def hf_continuous(model, prompts, lengths, new_tokens) -> int:
 
 
 def ours(model, prompts, lengths, new_tokens, compiled: bool | str = False, sampler: str = "plain",
-         fuse: bool | None = None) -> tuple[int, dict]:
+         fuse: bool | None = None, fused_layers: bool | None = None) -> tuple[int, dict]:
     """`sampler`: plain T = 1; `hapo`: HAPO's adaptive temperature (tau 0.3, fixed made-up statistics, inside the
     step); `apo`: APO's extrapolated logits (alpha 0.5) against a second random-init model of the same shape
     decoded in step (its keys and values beside the first model's: half the slots per KV budget)."""
@@ -141,7 +142,7 @@ def ours(model, prompts, lengths, new_tokens, compiled: bool | str = False, samp
 
         compiled = AUTOTUNE if compiled == "max-autotune" else COMBO
     out = fast_generate(model, prompts, GROUP, new_tokens, Sampling(1.0, 1.0, 0, adaptive), {EOS}, lengths=lengths,
-                        compile_step=compiled, extrapolation=extrapolation, fuse=fuse)
+                        compile_step=compiled, extrapolation=extrapolation, fuse=fuse, fused_layers=fused_layers)
     return sum(len(t) for t in out.tokens), out.stats
 
 
@@ -223,6 +224,9 @@ def run_case(model, method, sequences, new_tokens, spread, warmup, repeats: int 
         # inductor's GEMM autotuning (Triton templates with fused epilogues where they win; minutes to compile)
         "ours_compiled_autotune": lambda: ours(model, prompts, lengths, new_tokens, compiled="max-autotune"),
         "ours_compiled_combo": lambda: ours(model, prompts, lengths, new_tokens, compiled="combo"),
+        # the model's decoder-layer code in the decode step instead of the fused decode kernels (align_cli/fused_decode.py)
+        "ours_compiled_model_layers": lambda: ours(model, prompts, lengths, new_tokens, compiled=True,
+                                                   fused_layers=False),
         # the two samplers with a fast-path equivalent of a logits processor, compiled
         "ours_hapo": lambda: ours(model, prompts, lengths, new_tokens, compiled=True, sampler="hapo"),
         "ours_apo": lambda: ours(model, prompts, lengths, new_tokens, compiled=True, sampler="apo"),
@@ -311,7 +315,8 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="greedy agreement of ours with generate first")
     parser.add_argument("--warmup", nargs="*",
                         default=["static_compile", "hf_cb", "ours", "ours_compiled", "ours_compiled_unfused",
-                                 "ours_compiled_autotune", "ours_compiled_combo", "ours_hapo", "ours_apo"])
+                                 "ours_compiled_autotune", "ours_compiled_combo", "ours_compiled_model_layers",
+                                 "ours_hapo", "ours_apo"])
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (tokens_per_s: their median)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip cases once this much time has passed")
     parser.add_argument("--profile", nargs="*", default=[], help="methods whose cases get one profiled run more")
