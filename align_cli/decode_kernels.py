@@ -66,11 +66,11 @@ class Tiles:
 # Measured on an H200 at 32 sequences of the Qwen2.5-0.5B shape (benchmarks/decode_layer_tiles.py; RESULTS.md,
 # "Fused decode layers").
 TILES = {
-    "qkv": Tiles(block_n=32, block_k=128, splits=8),
-    "o": Tiles(block_n=32, block_k=128, splits=8),
-    "gate_up": Tiles(block_n=32, block_k=128, splits=1),
-    "down": Tiles(block_n=32, block_k=128, splits=16),
-    "attention": Tiles(block_n=128),   # keys per iteration
+    "qkv": Tiles(block_n=32, block_k=64, splits=8, stages=4),
+    "o": Tiles(block_n=32, block_k=64, splits=8),
+    "gate_up": Tiles(block_n=64, block_k=128, splits=1),
+    "down": Tiles(block_n=64, block_k=64, splits=16, stages=4),
+    "attention": Tiles(block_n=128),   # keys per iteration (at most 16 KB of them: `_key_block`)
 }
 
 
@@ -99,14 +99,25 @@ def splits_of(inputs: int, tiles: Tiles) -> int:
 
 
 if AVAILABLE:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def _dependent_launch(PDL: tl.constexpr):
+        """With programmatic dependent launch (`PDL`, Hopper and later) the next kernel of the step is launched
+        while this one runs, and waits here, at its start, for this one to finish: every kernel of the chain
+        waits before it reads or writes anything, so only the launch latency between them is hidden."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
 
     @triton.jit
     def _residual_norm_kernel(h_ptr, p_ptr, pb_ptr, nw_ptr, out_h_ptr, out_x_ptr, D, eps, stride_h, stride_ps,
                               stride_pb, SPLITS_IN: tl.constexpr, HAS_PENDING_BIAS: tl.constexpr,
-                              BLOCK_D: tl.constexpr):
+                              BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         """Kernels 1 and 4, one program per row: the residual stream with the pending linear's partial sums
         added (its output rounded, + bias, then the sum rounded, as two eager ops round), stored; and RMSNorm of
         it (float32 statistic, normalised activations rounded before the weight, as transformers' module)."""
+        _dependent_launch(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
@@ -129,10 +140,12 @@ if AVAILABLE:
     @triton.jit
     def _linear_partial_kernel(x_ptr, w_ptr, b_ptr, out_ptr, B, N, K, slice_len, stride_x, stride_w, stride_os,
                                stride_ob, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               PDL: tl.constexpr):
         """Kernels 2, 5, 6 (q/k/v, o_proj, down_proj): partial products of K slice `program_id(1)` of `x`
         `[B, K]` with `w` `[N, K]` into `out` `[S, B, N]` (float32). GATED (kernel 5, one slice): SiLU(gate) *
         up into `out` `[B, N]`, gate and up rows of `w` `[2N, K]`, each rounded as the eager modules round."""
+        _dependent_launch(PDL)
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         outputs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -206,11 +219,12 @@ if AVAILABLE:
                           head_eps, scale, stride_ps, stride_pb, stride_cos, stride_cs, stride_ch, stride_cp,
                           stride_ob, H: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                           HD: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, HEAD_NORM: tl.constexpr,
-                          PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                          PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
         """Kernel 3, one program per (slot, key/value head): its G query heads and its key and value head from
         kernel 2's partials (rounded as the linear rounds them), the per-head norms and the rotary embedding,
         this token's key and value into the cache (for later steps), then attention of the queries over the
         slot's cached keys 0..position-1 and this token's own key and value, kept in registers (online softmax)."""
+        _dependent_launch(PDL)
         slot = tl.program_id(0)
         kv_head = tl.program_id(1)
         dtype = kc_ptr.dtype.element_ty
@@ -282,6 +296,20 @@ if AVAILABLE:
         tl.store(out + HALF, (acc_high / run_sum[:, None]).to(dtype), mask=group_mask[:, None])
 
 
+def _pdl(tensor: torch.Tensor) -> bool:
+    """Programmatic dependent launch: on Hopper and later (not in the interpreter); `ALIGN_DECODE_PDL=0` turns it off."""
+    if interpreting() or not tensor.is_cuda or os.environ.get("ALIGN_DECODE_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(tensor.device)[0] >= 9
+
+
+def _fitted(tiles: Tiles, dtype: torch.dtype) -> Tiles:
+    """`tiles` with K halved for 4-byte inputs, so that the pipeline's stages fit in shared memory."""
+    if torch.empty((), dtype=dtype).element_size() < 4:
+        return tiles
+    return Tiles(tiles.block_n, max(32, tiles.block_k // 2), tiles.splits, tiles.warps, min(tiles.stages, 3))
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
 
@@ -300,30 +328,31 @@ def residual_norm(h, partials, bias, norm_weight, eps: float, out_h, out_x) -> N
         h, source, _or(bias, h), norm_weight, out_h, out_x, hidden, eps, h.stride(0),
         source.stride(0) if splits else 0, source.stride(1) if splits else 0,
         SPLITS_IN=splits, HAS_PENDING_BIAS=bias is not None, BLOCK_D=triton.next_power_of_2(hidden),
-        num_warps=4 if hidden <= 2048 else 8)
+        PDL=_pdl(h), num_warps=4 if hidden <= 2048 else 8, launch_pdl=_pdl(h))
 
 
 def linear_partial(x, weight, out, tiles: Tiles) -> None:
     """Kernels 2, 5 and 6: partial products of `x` `[B, K]` with `weight` `[N, K]` into `out` `[S, B, N]`."""
     batch, inputs = x.shape
     outputs = weight.shape[0]
+    fitted = _fitted(tiles, x.dtype)   # the same splits (the caller sized `out` by `tiles`)
     _linear_partial_kernel[(triton.cdiv(outputs, tiles.block_n), splits_of(inputs, tiles))](
         x, weight, weight, out, batch, outputs, inputs, slice_length(inputs, tiles), x.stride(0), weight.stride(0),
         out.stride(0), out.stride(1), GATED=False, HAS_BIAS=False, PRECISION=_precision(x.dtype),
-        BLOCK_M=_block_m(batch), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.warps,
-        num_stages=tiles.stages)
+        BLOCK_M=_block_m(batch), BLOCK_N=fitted.block_n, BLOCK_K=fitted.block_k, PDL=_pdl(x),
+        num_warps=fitted.warps, num_stages=fitted.stages, launch_pdl=_pdl(x))
 
 
 def gated_linear(x, weight, bias, out, tiles: Tiles) -> None:
     """Kernel 5: `out` `[B, I]` = SiLU(x @ gate.T (+ b)) * (x @ up.T (+ b)), gate and up rows of `weight` `[2I, K]`."""
     batch, inputs = x.shape
     outputs = out.shape[1]
-    whole = Tiles(tiles.block_n, tiles.block_k, 1, tiles.warps, tiles.stages)   # all of K: SiLU needs the sum
-    _linear_partial_kernel[(triton.cdiv(outputs, tiles.block_n), 1)](
+    whole = _fitted(Tiles(tiles.block_n, tiles.block_k, 1, tiles.warps, tiles.stages), x.dtype)  # SiLU needs all of K
+    _linear_partial_kernel[(triton.cdiv(outputs, whole.block_n), 1)](
         x, weight, _or(bias, weight), out, batch, outputs, inputs, slice_length(inputs, whole), x.stride(0),
         weight.stride(0), 0, out.stride(0), GATED=True, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype),
-        BLOCK_M=_block_m(batch), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.warps,
-        num_stages=tiles.stages)
+        BLOCK_M=_block_m(batch), BLOCK_N=whole.block_n, BLOCK_K=whole.block_k, PDL=_pdl(x), num_warps=whole.warps,
+        num_stages=whole.stages, launch_pdl=_pdl(x))
 
 
 def attention(partials, bias, q_norm, k_norm, head_eps: float, cos, sin, positions, keys, values, out,
@@ -339,4 +368,11 @@ def attention(partials, bias, q_norm, k_norm, head_eps: float, cos, sin, positio
         head_eps, scale, partials.stride(0), partials.stride(1), cos.stride(0), keys.stride(0), keys.stride(1),
         keys.stride(2), out.stride(0), H=heads, KVH=kv_heads, G=group, GP=max(16, triton.next_power_of_2(group)),
         HD=head_dim, SPLITS=splits, HAS_BIAS=bias is not None, HEAD_NORM=q_norm is not None,
-        PRECISION=_precision(keys.dtype), BLOCK_N=tiles.block_n, num_warps=tiles.warps, num_stages=tiles.stages)
+        PRECISION=_precision(keys.dtype), BLOCK_N=_key_block(tiles.block_n, head_dim, keys.dtype), PDL=_pdl(keys),
+        num_warps=tiles.warps, num_stages=tiles.stages, launch_pdl=_pdl(keys))
+
+
+def _key_block(block_n: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Keys per iteration of `attention`, at most 16 KB of keys (the stages of keys and values fit in shared
+    memory for every head size and dtype)."""
+    return max(16, min(block_n, 16384 // (head_dim * torch.empty((), dtype=dtype).element_size())))

@@ -16,7 +16,8 @@ step, `ours_compiled` the one compiled before capture (its warm-up's stats hold 
 fused as on CUDA by default, `ours_compiled_unfused` without that, `ours_compiled_autotune` with inductor's
 GEMM autotuning, `max-autotune-no-cudagraphs`, `ours_compiled_combo` with its combo kernels and aggressive
 fusion, `fast_generation.COMBO`, `ours_compiled_model_layers` with the model's own decoder-layer code instead of
-the fused decode kernels that steps of at most 64 sequences run by default, `align_cli/fused_decode.py`); `ours_hapo`
+the fused decode kernels that steps of at most 64 sequences run by default, `align_cli/fused_decode.py`,
+`ours_compiled_no_pdl` those kernels without programmatic dependent launch); `ours_hapo`
 and `ours_apo` the compiled step with HAPO's adaptive temperature and with APO's extrapolated logits.
 """
 
@@ -182,6 +183,14 @@ def greedy_agreement(model, prompts: int = 16, new_tokens: int = 64) -> dict:
             "generate_identical_at_half_the_batch": self_agreement}
 
 
+def without_pdl(call):
+    os.environ["ALIGN_DECODE_PDL"] = "0"   # read at every kernel launch (align_cli/decode_kernels.py: _pdl)
+    try:
+        return call()
+    finally:
+        os.environ.pop("ALIGN_DECODE_PDL")
+
+
 def timed(fn):
     gc.collect()
     torch.cuda.empty_cache()
@@ -227,6 +236,8 @@ def run_case(model, method, sequences, new_tokens, spread, warmup, repeats: int 
         # the model's decoder-layer code in the decode step instead of the fused decode kernels (align_cli/fused_decode.py)
         "ours_compiled_model_layers": lambda: ours(model, prompts, lengths, new_tokens, compiled=True,
                                                    fused_layers=False),
+        # the fused decode kernels without programmatic dependent launch (ALIGN_DECODE_PDL=0)
+        "ours_compiled_no_pdl": lambda: without_pdl(lambda: ours(model, prompts, lengths, new_tokens, compiled=True)),
         # the two samplers with a fast-path equivalent of a logits processor, compiled
         "ours_hapo": lambda: ours(model, prompts, lengths, new_tokens, compiled=True, sampler="hapo"),
         "ours_apo": lambda: ours(model, prompts, lengths, new_tokens, compiled=True, sampler="apo"),
@@ -316,6 +327,7 @@ def main() -> None:
     parser.add_argument("--warmup", nargs="*",
                         default=["static_compile", "hf_cb", "ours", "ours_compiled", "ours_compiled_unfused",
                                  "ours_compiled_autotune", "ours_compiled_combo", "ours_compiled_model_layers",
+                                 "ours_compiled_no_pdl",
                                  "ours_hapo", "ours_apo"])
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (tokens_per_s: their median)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip cases once this much time has passed")

@@ -5,6 +5,8 @@
 # (benchmarks/rollouts.py at grpo.yaml's 32 sequences: fused kernels against the model's layer code, one profiled
 # run), `rl` (the GRPO step through the trainer at 32 rollouts, both paths). Carry .whl-fast/ and .whl-rl/.
 #   PARTS="tests rollouts rl" TILES_S=150 TESTS_S=150 ROLLOUTS_S=150 RL_S=190 bash benchmarks/run_fused_decode_gpu.sh
+# (rollouts: ROLLOUT_SHAPES, ROLLOUT_SEQUENCES, ROLLOUT_METHODS and ROLLOUT_ONLY go to rollouts.py's --shapes,
+# --sequences, --methods and --only)
 # The tiles part's fastest tile shapes are used by the parts after it (ALIGN_DECODE_TILES; USE_BEST_TILES=0: not).
 # Results land in $OUT (decode-layer-tiles-h200.json, rollouts-fused-layers-h200.json, rl-end-to-end-h200.json, logs).
 set -o pipefail
@@ -32,9 +34,11 @@ for part in $PARTS; do
         timeout "${TESTS_S:-150}" python3 -m pytest "$REPO/tests/test_fused_decode.py" -m gpu -q -p no:cacheprovider \
             -p no:logging --tb=line -rf --rootdir "$REPO" -c "$REPO/pyproject.toml" 2>&1 | tail -30 ;;
     rollouts)
-        timeout "${ROLLOUTS_S:-150}" python3 "$REPO/benchmarks/rollouts.py" --out "$OUT" --shapes 0.5b --sequences 32 \
-            --new-tokens 256 --methods ours_compiled ours_compiled_model_layers --repeats 3 --profile ours_compiled \
-            --name rollouts-fused-layers-h200.json 2>&1 | tee "$OUT/rollouts-fused-layers.log" | grep -v '^{' | tail -6 ;;
+        timeout "${ROLLOUTS_S:-150}" python3 "$REPO/benchmarks/rollouts.py" --out "$OUT" --shapes ${ROLLOUT_SHAPES:-0.5b} \
+            --sequences ${ROLLOUT_SEQUENCES:-32} --new-tokens 256 --repeats 3 --profile ours_compiled \
+            --methods ${ROLLOUT_METHODS:-ours_compiled ours_compiled_model_layers} \
+            --only ${ROLLOUT_ONLY:-} --name rollouts-fused-layers-h200.json 2>&1 | tee "$OUT/rollouts-fused-layers.log" \
+            | grep -v '^{' | tail -12 ;;
     rl)
         export RL_END_TO_END_COMMAND="PARTS=rl bash benchmarks/run_fused_decode_gpu.sh"
         timeout "${RL_S:-190}" python3 "$REPO/benchmarks/rl_end_to_end.py" --out "$OUT" \

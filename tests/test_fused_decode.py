@@ -8,6 +8,8 @@ HAPO's adaptive temperature, APO's partner model and live weight changes; models
 model's code and say why. On a GPU (marker `gpu`): each Triton kernel against the torch ops in float32 and bf16,
 and fast generation with the kernels against the trainer's scoring of the same tokens."""
 
+import copy
+
 import pytest
 import torch
 from transformers import (
@@ -162,29 +164,32 @@ def _random_cache(plan, dtype, device, slots=72, max_len=320):
 
 
 def kernels_against_torch_ops(name, dtype, shape, device="cuda", batches=(1, 7, 32, 64)):
-    """Per batch: max and mean |kernels - torch ops| of the final norm's output; the outputs and the caches
-    written must agree within `tolerance`."""
+    """Per batch: mean |kernels - truth| and mean |torch ops - truth| of the final norm's output, where truth is
+    the torch ops in float32 on the same (rounded) weights and cache. In float32 the kernels must also agree
+    with the torch ops elementwise, outputs and the caches written."""
     model = _build(name, dtype=dtype, device=device, **shape)
-    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=4e-2, rtol=4e-2)
-    with fuse_projections(model), torch.no_grad():
+    exact = copy.deepcopy(model).float()
+    with fuse_projections(model, exact), torch.no_grad():
         plans = [fused_decode.build_plan(model.model, model.lm_head, model.config, 320, 0, kernels)
                  for kernels in (False, True)]
+        truth_plan = fused_decode.build_plan(exact.model, exact.lm_head, exact.config, 320, 0, False)
         for batch in batches:
             generator = torch.Generator(device=device).manual_seed(batch)
             tokens = torch.randint(0, VOCAB, (batch,), generator=generator, device=device)
             positions = torch.randint(0, 320, (batch,), generator=generator, device=device)
             positions[0], positions[-1] = 0, 319   # a slot's first token, and a full slot
             results = []
-            for plan in plans:
+            for plan, cache_dtype in ((truth_plan, torch.float32), (plans[0], dtype), (plans[1], dtype)):
                 cache = _random_cache(plan, dtype, device)
-                hidden = fused_decode.decode_hidden(plan, tokens, positions, cache)
-                results.append((hidden.float(), cache))
-            (h_ref, cache_ref), (h_kernel, cache_kernel) = results
-            gap = (h_kernel - h_ref).abs()
-            yield batch, gap.max().item(), gap.mean().item()
-            torch.testing.assert_close(h_kernel, h_ref, **tolerance)
-            for ref, got in zip(cache_ref.keys + cache_ref.values, cache_kernel.keys + cache_kernel.values):
-                torch.testing.assert_close(got.float(), ref.float(), **tolerance)
+                cache.keys = [t.to(cache_dtype) for t in cache.keys]
+                cache.values = [t.to(cache_dtype) for t in cache.values]
+                results.append((fused_decode.decode_hidden(plan, tokens, positions, cache).float(), cache))
+            (truth, _), (h_ref, cache_ref), (h_kernel, cache_kernel) = results
+            yield batch, (h_kernel - truth).abs().mean().item(), (h_ref - truth).abs().mean().item()
+            if dtype == torch.float32:
+                torch.testing.assert_close(h_kernel, h_ref, atol=1e-4, rtol=1e-4)
+                for ref, got in zip(cache_ref.keys + cache_ref.values, cache_kernel.keys + cache_kernel.values):
+                    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
@@ -196,27 +201,38 @@ def kernels_against_torch_ops(name, dtype, shape, device="cuda", batches=(1, 7, 
                                    dict(hidden_size=1024, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
                                         intermediate_size=2816)])
 def test_kernels_equal_the_torch_layer(name, dtype, shape):
-    """Two layers; hidden sizes that are no multiple of the K tiles, 3 query heads per key head, batches 1..64."""
-    for batch, largest, mean in kernels_against_torch_ops(name, dtype, shape):
-        assert mean < (1e-5 if dtype == torch.float32 else 4e-3), (batch, largest, mean)
+    """Two layers; hidden sizes that are no multiple of the K tiles, 3 query heads per key head, batches 1..64.
+    bf16: the kernels' error against float32 is that of the torch ops in bf16 (which round where they round)."""
+    for batch, kernel_error, torch_error in kernels_against_torch_ops(name, dtype, shape):
+        if dtype == torch.float32:
+            assert kernel_error < 1e-5, (batch, kernel_error)
+        else:
+            assert kernel_error < 1.5 * torch_error + 1e-4, (batch, kernel_error, torch_error)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not decode_kernels.AVAILABLE, reason="needs Triton")
 def test_kernel_rollouts_score_like_the_trainer_on_the_gpu():
-    """bf16, compiled and captured steps: the sampler's log-probs against a full-sequence forward of the model."""
+    """bf16, compiled and captured steps: the sampler's log-probs against a full-sequence forward of the model
+    (the trainer's scoring) are as close with the kernels as with the model's own layer code."""
     model = _build("qwen2", dtype=torch.bfloat16, device="cuda", hidden_size=896, num_attention_heads=14,
                    num_key_value_heads=2, intermediate_size=4864, num_hidden_layers=4, vocab_size=512)
     prompts = [[1 + (7 * i + j) % 500 for j in range(20 + i)] for i in range(8)]
-    out = fast_generate(model, prompts, 4, 48, Sampling(1.0, 1.0, seed=3), set(), fused_layers=True)
-    assert out.stats["fused_layers"] == "on: Triton kernels" and out.stats["fused_layer_batches"] == [32]
-    assert out.stats["graphs"] >= 1 and not out.stats.get("compile_error")
-    gaps = []
-    with torch.no_grad():
-        for index, tokens in enumerate(out.tokens):
-            prompt = prompts[index // 4]
-            ids = torch.tensor([prompt + tokens], device="cuda")
-            logits = model(ids).logits[0, len(prompt) - 1:-1].float()
-            scored = logits.log_softmax(-1).gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
-            gaps.append((scored - torch.tensor(out.tempered_logps[index], device="cuda")).abs().mean().item())
-    assert sum(gaps) / len(gaps) < 0.01   # bf16: the model path's own gap is ~0.0025 at the 0.5B shape
+
+    def gap(fused_layers):
+        out = fast_generate(model, prompts, 4, 48, Sampling(1.0, 1.0, seed=3), set(), fused_layers=fused_layers)
+        assert out.stats["graphs"] >= 1 and not out.stats.get("compile_error")
+        gaps = []
+        with torch.no_grad():
+            for index, tokens in enumerate(out.tokens):
+                prompt = prompts[index // 4]
+                logits = model(torch.tensor([prompt + tokens], device="cuda")).logits[0, len(prompt) - 1:-1].float()
+                scored = logits.log_softmax(-1).gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
+                gaps.append((scored - torch.tensor(out.tempered_logps[index], device="cuda")).abs().mean().item())
+        return out.stats, sum(gaps) / len(gaps)
+
+    stats, kernels = gap(True)
+    assert stats["fused_layers"] == "on: Triton kernels" and stats["fused_layer_batches"] == [32]
+    assert not stats.get("fused_layers_error")
+    _, own = gap(False)
+    assert kernels < 1.5 * own + 1e-3, (kernels, own)
