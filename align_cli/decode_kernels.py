@@ -3,7 +3,7 @@
 Why: at 32 sequences the compiled, graph-captured decode step of the Qwen2.5-0.5B shape launched ~295 kernels
 (12 a layer) and spent ~1.6 ms a step, most of it in the fixed cost of small kernels (cuBLAS GEMMs of 4-7 us
 that read 1-17 MB, cuDNN's attention of 9 us, norms, rotary, SiLU, cache writes of ~1.5 us each, plus the gaps
-between them): benchmarks/RESULTS.md, "Rollout generation". Here a layer is six kernels:
+between them): benchmarks/RESULTS.md, "Rollout generation". Here a layer is seven kernels:
 
 1. `residual_norm`: the residual stream with the last linear's pending partial sums added, and its RMSNorm;
 2. `linear_partial` (q/k/v), split over K;
@@ -11,8 +11,9 @@ between them): benchmarks/RESULTS.md, "Rollout generation". Here a layer is six 
    this token's key and value into the slot cache and attends over the slot (its own key and value from
    registers);
 4. `linear_partial` (o_proj), split over K;
-5. `residual_norm` again (o_proj's output added), then `gated_linear`: gate/up and SiLU(gate) * up;
-6. `linear_partial` (down_proj), split over K; the next layer's kernel 1 (or the final norm's) adds it.
+5. `residual_norm` again (o_proj's output added);
+6. `gated_linear`: gate/up and SiLU(gate) * up;
+7. `linear_partial` (down_proj), split over K; the next layer's kernel 1 (or the final norm's) adds it.
 
 Why split over K: a program that walks all of K pays about one memory latency per iteration (~0.35 us on an
 H200, pipelined or not: benchmarks/RESULTS.md, "Fused decode layers"), so a first version with one program per
@@ -114,7 +115,7 @@ if AVAILABLE:
     def _residual_norm_kernel(h_ptr, p_ptr, pb_ptr, nw_ptr, out_h_ptr, out_x_ptr, D, eps, stride_h, stride_ps,
                               stride_pb, SPLITS_IN: tl.constexpr, HAS_PENDING_BIAS: tl.constexpr,
                               BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-        """Kernels 1 and 4, one program per row: the residual stream with the pending linear's partial sums
+        """Kernels 1 and 5, one program per row: the residual stream with the pending linear's partial sums
         added (its output rounded, + bias, then the sum rounded, as two eager ops round), stored; and RMSNorm of
         it (float32 statistic, normalised activations rounded before the weight, as transformers' module)."""
         _dependent_launch(PDL)
@@ -142,8 +143,8 @@ if AVAILABLE:
                                stride_ob, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                PDL: tl.constexpr):
-        """Kernels 2, 5, 6 (q/k/v, o_proj, down_proj): partial products of K slice `program_id(1)` of `x`
-        `[B, K]` with `w` `[N, K]` into `out` `[S, B, N]` (float32). GATED (kernel 5, one slice): SiLU(gate) *
+        """Kernels 2, 4, 7 (q/k/v, o_proj, down_proj) and 6 (GATED): partial products of K slice `program_id(1)` of `x`
+        `[B, K]` with `w` `[N, K]` into `out` `[S, B, N]` (float32). GATED (one slice): SiLU(gate) *
         up into `out` `[B, N]`, gate and up rows of `w` `[2N, K]`, each rounded as the eager modules round."""
         _dependent_launch(PDL)
         pid_n = tl.program_id(0)
@@ -319,7 +320,7 @@ def _or(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def residual_norm(h, partials, bias, norm_weight, eps: float, out_h, out_x) -> None:
-    """Kernels 1 and 4: `out_h` = `h` + the pending linear (`partials` `[S, B, D]` or None, + `bias`), `out_x` =
+    """Kernels 1 and 5: `out_h` = `h` + the pending linear (`partials` `[S, B, D]` or None, + `bias`), `out_x` =
     RMSNorm of it. Without partials `out_h` is not written (the stream is `h` itself)."""
     batch, hidden = h.shape
     splits = 0 if partials is None else partials.shape[0]
@@ -332,7 +333,7 @@ def residual_norm(h, partials, bias, norm_weight, eps: float, out_h, out_x) -> N
 
 
 def linear_partial(x, weight, out, tiles: Tiles) -> None:
-    """Kernels 2, 5 and 6: partial products of `x` `[B, K]` with `weight` `[N, K]` into `out` `[S, B, N]`."""
+    """Kernels 2, 4 and 7: partial products of `x` `[B, K]` with `weight` `[N, K]` into `out` `[S, B, N]`."""
     batch, inputs = x.shape
     outputs = weight.shape[0]
     fitted = _fitted(tiles, x.dtype)   # the same splits (the caller sized `out` by `tiles`)
@@ -344,7 +345,7 @@ def linear_partial(x, weight, out, tiles: Tiles) -> None:
 
 
 def gated_linear(x, weight, bias, out, tiles: Tiles) -> None:
-    """Kernel 5: `out` `[B, I]` = SiLU(x @ gate.T (+ b)) * (x @ up.T (+ b)), gate and up rows of `weight` `[2I, K]`."""
+    """Kernel 6: `out` `[B, I]` = SiLU(x @ gate.T (+ b)) * (x @ up.T (+ b)), gate and up rows of `weight` `[2I, K]`."""
     batch, inputs = x.shape
     outputs = out.shape[1]
     whole = _fitted(Tiles(tiles.block_n, tiles.block_k, 1, tiles.warps, tiles.stages), x.dtype)  # SiLU needs all of K

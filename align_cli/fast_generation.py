@@ -18,6 +18,9 @@ What it does, and why:
   on an H200 at 512 sequences that took the step from ~8.8 to ~4.8 ms. Compilation costs ~35-50 s per
   process for the first batch size and once more for the first other one (shapes turn dynamic); a step
   whose compilation fails runs uncompiled. The host looks at the slots every `CHECK_EVERY` steps.
+- At a small batch (steps of at most `fused_decode.MAX_BATCH` slots, RL's usual case) the decoder layers of the
+  step run as `fused_decode`'s Triton kernels instead of the model's code (`ALIGN_FAST_LAYERS`, by default on
+  CUDA for llama-family layers with fused projections); what is compiled is then the LM head and the sampling.
 - Sampling is exact: temperature, then top-p with transformers' `TopPLogitsWarper` rule, then one draw from the
   categorical by inverse CDF. The draw's uniform number is a counter-based hash of (seed, prompt index,
   sample index, position), so a sequence's tokens depend on its seed and index only, never on the batch

@@ -1,11 +1,12 @@
-"""Fused decode layers: fast generation's decode step at a small batch as five Triton kernels a layer.
+"""Fused decode layers: fast generation's decode step at a small batch as seven Triton kernels a layer.
 
 At the batch of an RL step (grpo.yaml's 32 rollouts) the compiled decode step is bound by the fixed cost of its
 ~12 kernels a layer, not by reading the weights (`decode_kernels.py` says where the time went). This module runs
-the decoder layers of a decode step as `decode_kernels`' five kernels instead of the model's code, for the
+the decoder layers of a decode step as `decode_kernels`' seven kernels instead of the model's code, for the
 architectures whose layer is the llama one (pre-norm RMSNorm, rotary attention with grouped key/value heads,
-SiLU-gated MLP, two residual adds): llama, mistral, qwen2, qwen3 (with its per-head q/k norms). The embedding,
-the final norm, the LM head and the sampling stay the model's modules (compiled with the sampling as before).
+SiLU-gated MLP, two residual adds): llama, mistral, qwen2, qwen3 (with its per-head q/k norms). The final norm
+is a kernel too (with the final norm module's weight); the embedding, the LM head and the sampling stay the
+model's modules (the head and the sampling compiled as before: `fast_generation._decode_tail`).
 
 The layer's weights are the live module's parameters (q/k/v and gate/up from `fused_projections`' concatenated
 copies of them, made at the start of each call), so online RL decodes the policy's current weights. The rotary
@@ -13,8 +14,9 @@ cos/sin of every position of the call come from the model's own rotary module on
 
 `layer_blocker` says why a model cannot take this path (anything that is not that layer: LoRA-wrapped or
 quantised projections, other activations, position-dependent rope types, odd head sizes); those keep the
-model's code. `reference_layer` is the same layer in torch ops, rounding where the kernels round: it runs where
-Triton cannot (CPU tests force it with `ALIGN_FAST_LAYERS=1`), and the GPU tests check the kernels against it.
+model's code. `reference_layer` is the same layer in torch ops, rounding where transformers' eager code rounds:
+it runs where Triton cannot (CPU tests force it with `ALIGN_FAST_LAYERS=1`), and the GPU tests check the kernels
+against it (and both against float32).
 """
 
 from __future__ import annotations
@@ -196,7 +198,7 @@ def reference_layer(plan: DecodePlan, weights: LayerWeights, h: torch.Tensor, po
 
 
 def _kernel_hidden(plan: DecodePlan, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-    """`decode_hidden` as `decode_kernels`' six launches a layer (and the final norm's)."""
+    """`decode_hidden` as `decode_kernels`' seven launches a layer (and the final norm's)."""
     h = plan.embed(tokens).contiguous()
     other, normed = torch.empty_like(h), torch.empty_like(h)
     batch, hidden = h.shape

@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from align_cli.losses.hapo import EntropyStats
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -26,7 +27,6 @@ from transformers import (
 from align_cli import decode_kernels, fused_decode
 from align_cli.fast_generation import AdaptiveSampling, Sampling, _SlotCache, fast_generate
 from align_cli.fused_projections import fuse_projections
-from align_cli.losses.hapo import EntropyStats
 
 VOCAB = 64
 PROMPTS = [[1, 7, 9, 11], [1, 20, 30], [1, 40, 41, 42, 43, 44, 45], [2, 3]]
