@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -76,10 +77,18 @@ TILES = {
 
 
 def _tiles_from_environment() -> None:
+    """`ALIGN_DECODE_TILES` over `TILES`; a value that does not parse is reported and the defaults kept."""
     value = os.environ.get("ALIGN_DECODE_TILES")
-    if value:
-        for kind, shape in json.loads(value).items():
-            TILES[kind] = Tiles(*shape)
+    if not value:
+        return
+    try:
+        tiles = {kind: Tiles(*shape) for kind, shape in json.loads(value).items() if kind in TILES}
+    except (ValueError, TypeError, AttributeError) as error:
+        warnings.warn(f"ALIGN_DECODE_TILES={value!r} ignored ({error}): expected JSON like "
+                      f'{{"down": [64, 64, 16, 4, 4]}} (kernel: [block_n, block_k, splits, warps, stages]) for '
+                      f"kernels {', '.join(TILES)}", stacklevel=2)
+        return
+    TILES.update(tiles)
 
 
 _tiles_from_environment()

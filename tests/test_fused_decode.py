@@ -236,3 +236,23 @@ def test_kernel_rollouts_score_like_the_trainer_on_the_gpu():
     assert not stats.get("fused_layers_error")
     _, own = gap(False)
     assert kernels < 1.5 * own + 1e-3, (kernels, own)
+
+
+def test_tile_shapes_from_the_environment(monkeypatch):
+    saved = dict(decode_kernels.TILES)
+    try:
+        monkeypatch.setenv("ALIGN_DECODE_TILES", '{"down": [16, 128, 4, 8, 2], "nonsense": [1]}')
+        decode_kernels._tiles_from_environment()
+        assert decode_kernels.TILES["down"] == decode_kernels.Tiles(16, 128, 4, 8, 2)
+        assert "nonsense" not in decode_kernels.TILES
+        monkeypatch.setenv("ALIGN_DECODE_TILES", '{"down": [16, "x", 4, 8')
+        with pytest.warns(UserWarning, match="ALIGN_DECODE_TILES"):
+            decode_kernels._tiles_from_environment()
+        assert decode_kernels.TILES["down"] == decode_kernels.Tiles(16, 128, 4, 8, 2)
+        # the splits of a K: whole tiles per split, no split empty
+        tiles = decode_kernels.Tiles(32, 128, 16)
+        assert decode_kernels.slice_length(4864, tiles) == 384 and decode_kernels.splits_of(4864, tiles) == 13
+        assert decode_kernels.splits_of(896, decode_kernels.Tiles(32, 64, 8)) == 7
+    finally:
+        decode_kernels.TILES.clear()
+        decode_kernels.TILES.update(saved)
