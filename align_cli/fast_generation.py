@@ -518,7 +518,7 @@ class _DecodeStep:
     so they leave no trace (the keys and values they write lie past each slot's position and are overwritten
     before read). A step whose compilation fails runs uncompiled (`compile_error` says why). With `plans`
     (the policy's and the partner's `fused_decode.DecodePlan`) the decoder layers run as the fused decode
-    kernels, outside the compiled part, which is then the final norm, the LM head and `after` (`_decode_tail`)."""
+    kernels (the final norm too), outside the compiled part, which is then the LM head and `after` (`_decode_tail`)."""
 
     def __init__(self, body, head, cache: _SlotCache, tokens: torch.Tensor, batch: int, layer_types, graph: bool,
                  after=None, state=(), pool=None, compile: Compile | None = None, partner: Partner | None = None,
@@ -651,7 +651,8 @@ def fast_generate(model, prompts: list[list[int]], num_samples: int, max_new_tok
     max_prompt = max(len(p) for p in prompts)
     max_len = -(-(max_prompt + max_new_tokens) // 16) * 16  # mask rows aligned for the fused attention kernels
     partner_model = unwrap(extrapolation[0]) if extrapolation is not None else None
-    if fuse is None and device.type != "cuda" and (fused_layers or fused_decode.mode() == "on" and fused_layers is None):
+    layers_asked = fused_layers or (fused_layers is None and fused_decode.mode() == "on")
+    if fuse is None and device.type != "cuda" and layers_asked:
         fuse = True  # the fused layers take q/k/v and gate/up from the fused copies (CUDA fuses them by default)
     fusing, reserved = _fusing(fuse, device, inner, partner_model)
     budget = kv_token_budget if kv_token_budget is not None else default_kv_budget(config, dtype, device, reserved)
