@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.triton_fused import interpreting  # noqa: F401 - TRITON_INTERPRET=1: the kernels on CPU tensors
+
 try:
     import triton
     import triton.language as tl
@@ -49,9 +51,6 @@ except ImportError:  # CPU-only installs: fast generation keeps the model's own 
 AVAILABLE = triton is not None
 
 
-def interpreting() -> bool:
-    """Triton's interpreter (`TRITON_INTERPRET=1`) runs the kernels on CPU tensors: slow, for checking them."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,7 @@ import copy
 import pytest
 import torch
 from align_cli.losses.hapo import EntropyStats
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from test_fused_projections import ARCHITECTURES  # llama (all biases), qwen2, qwen3, mistral
 
 from align_cli import decode_kernels, fused_decode
 from align_cli.fast_generation import AdaptiveSampling, Sampling, _SlotCache, fast_generate
@@ -31,21 +22,16 @@ from align_cli.fused_projections import fuse_projections
 VOCAB = 64
 PROMPTS = [[1, 7, 9, 11], [1, 20, 30], [1, 40, 41, 42, 43, 44, 45], [2, 3]]
 STOPS = set(range(5, VOCAB, 4))
-# head_dim 32: the smallest the kernels take (two halves of 16 for the rotary embedding's tl.dot tiles)
+# head_dim 32 for every architecture: the smallest the kernels take (two halves of 16 for the rotary
+# embedding's tl.dot tiles)
 SMALL = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256, eos_token_id=5, pad_token_id=0)
-ARCHITECTURES = {
-    "llama": (LlamaConfig, LlamaForCausalLM, {"attention_bias": True, "mlp_bias": True}),  # o/down biases too
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),                        # q/k/v biases
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32}),          # per-head q/k norms
-    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
-}
+             num_key_value_heads=2, head_dim=32, max_position_embeddings=256, eos_token_id=5, pad_token_id=0)
 
 
 def _build(name, dtype=torch.float32, device="cpu", **overrides):
     config_class, model_class, extra = ARCHITECTURES[name]
     torch.manual_seed(3)
-    built = model_class(config_class(**{**SMALL, **extra, **overrides})).to(device=device, dtype=dtype).eval()
+    built = model_class(config_class(**{**extra, **SMALL, **overrides}))  # SMALL's head_dim over qwen3's 16.to(device=device, dtype=dtype).eval()
     with torch.no_grad():
         for parameter in built.parameters():  # non-zero biases and norm weights other than one
             parameter.add_(torch.randn_like(parameter) * 0.05)
